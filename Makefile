@@ -1,0 +1,34 @@
+# First commands of the README. Each target creates .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: install test quickstart bench lint clean
+
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+quickstart: $(STAMP)
+	$(PY) experiments/quickstart.py --workdir=$(WORKDIR)
+
+bench: $(STAMP)
+	$(PY) -m pip install -e '.[bench]'
+	$(PY) benchmarks/wavelets.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pcjax experiments tests benchmarks
+
+clean:
+	rm -rf $(VENV) workdirs

@@ -1,0 +1,93 @@
+"""Complex-number plumbing: real-pair storage, 1x1 complex projections, semi-unitary init.
+
+Dtype and optimiser policy (decided once for the whole library):
+
+* Activations inside the networks are native complex64 (or float32 where they are real).
+* Learned complex weights are stored as real pairs float32[..., 2] = (Re, Im), like the
+  reference's `view_as_real` storage. `jax.grad` of a real loss w.r.t. a complex array returns
+  the *conjugate* of the descent direction; with real pairs the gradient is the ordinary one,
+  so plain optax optimisers, weight decay on (Re, Im) (= on |w|^2) and momentum act exactly as
+  in the reference, and checkpoints hold only real arrays.
+* There is no complex bfloat16: reduced precision, when enabled, applies to the real matmuls of
+  the real-block product below (`compute_dtype`), with float32 accumulation.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def to_complex(w: jax.Array) -> jax.Array:
+    """float[..., 2] (Re, Im) -> complex64[...]."""
+    if w.shape[-1] != 2:
+        raise ValueError(f"Real-pair arrays end with a size-2 axis, got shape {tuple(w.shape)}.")
+    return jax.lax.complex(w[..., 0], w[..., 1])
+
+
+def to_pair(z: jax.Array) -> jax.Array:
+    """complex[...] -> float[..., 2] (Re, Im)."""
+    return jnp.stack([z.real, z.imag], axis=-1)
+
+
+def interleave_real_imag(z: jax.Array) -> jax.Array:
+    """complex[..., c] -> real[..., 2c] with channel 2k = Re z_k, 2k + 1 = Im z_k (classifier input).
+
+    A real input is promoted with zero imaginary parts, as in the reference.
+    """
+    if not jnp.iscomplexobj(z):
+        z = z.astype(jnp.complex64)
+    return jnp.stack([z.real, z.imag], axis=-1).reshape(*z.shape[:-1], 2 * z.shape[-1])
+
+
+def complex_projection(
+    x: jax.Array, kernel: jax.Array, compute_dtype: jnp.dtype | None = None
+) -> jax.Array:
+    """y = x W over the last axis: a bias-free complex 1x1 convolution.
+
+    Args:
+        x: float32 or complex64[..., c_in]; a real input is a complex one with zero imaginary part.
+        kernel: float32[c_in, c_out, 2], W as (Re, Im) pairs.
+        compute_dtype: dtype of the matmul operands (e.g. bfloat16); accumulation stays float32.
+
+    Returns:
+        complex64[..., c_out].
+
+    The product is computed as real matmuls: one [Re x, Im x] @ [[Wr, Wi], [-Wi, Wr]] block
+    product for complex x (faster than a native complex64 matmul on CPU and TPU), two products for
+    real x (half the FLOPs of the promoted complex product).
+    """
+    if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != x.shape[-1]:
+        raise ValueError(
+            f"Projection kernel must be [c_in={x.shape[-1]}, c_out, 2], got {tuple(kernel.shape)}."
+        )
+    wr, wi = kernel[..., 0], kernel[..., 1]
+    c_out = kernel.shape[1]
+    cast = (lambda a: a.astype(compute_dtype)) if compute_dtype is not None else (lambda a: a)
+    mm = lambda a, b: jnp.matmul(cast(a), cast(b), preferred_element_type=jnp.float32)  # noqa: E731
+    if jnp.iscomplexobj(x):
+        xs = jnp.concatenate([x.real, x.imag], axis=-1)  # [..., 2 c_in]
+        w = jnp.concatenate(
+            [jnp.concatenate([wr, wi], 1), jnp.concatenate([-wi, wr], 1)], 0
+        )  # [2 c_in, 2 c_out]
+        y = mm(xs, w)
+        return jax.lax.complex(y[..., :c_out], y[..., c_out:])
+    y = mm(x, jnp.concatenate([wr, wi], 1))
+    return jax.lax.complex(y[..., :c_out], y[..., c_out:])
+
+
+def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
+    """Semi-unitary complex projection as (Re, Im) pairs, float32[c_in, c_out, 2].
+
+    Reference: G in C^{c_out x c_in} with i.i.d. standard complex normal entries (Re, Im each
+    N(0, 1/2)), thin SVD G = U S V^H, W = V^H if c_out <= c_in (W W^H = I) else U (W^H W = I).
+    Our kernel is W^T (input axis first), the layout of `complex_projection`.
+    """
+    kr, ki = jax.random.split(key)
+    g = (jax.random.normal(kr, (c_out, c_in)) + 1j * jax.random.normal(ki, (c_out, c_in))) / np.sqrt(
+        2.0
+    )
+    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
+    w = vh if c_out <= c_in else u  # [c_out, c_in]
+    return to_pair(w.T).astype(jnp.float32)

@@ -1,0 +1,203 @@
+"""The paper's networks: phase-collapse nets (both block types, every non-linearity) and the
+bias-free ResNet-18 baselines, each buildable by one registry name.
+
+Registry names are "<dataset>/<non-linearity>/<block type>" for phase-collapse nets, e.g.
+"cifar10/mod/rho_psi", "imagenet/mod/linear_plus_rho", "cifar10/cst/linear_plus_rho", and
+"resnet18/<non-linearity>" for the baselines, e.g. "resnet18/thresh". See `MODEL_NAMES`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pcjax import filters, layers, nonlinear
+
+
+class PhaseCollapseNet(nn.Module):
+    """Stack of `PhaseCollapseBlock`s followed by the `Classifier` head.
+
+    Input: float32[batch, h, w, channels] (normalised images). Block b uses the standard filter
+    bank if b < `num_standard_blocks`, then factorised banks alternating even/odd
+    (REFERENCE.md 1.3); each block's output is a unit-norm complex tensor of `widths[b]` channels.
+    """
+
+    widths: Sequence[int]
+    num_classes: int
+    num_angles: int = 8
+    num_standard_blocks: int = 0
+    block_type: str = "rho_psi"
+    nonlinearity: str = "mod"
+    nonlinearity_init: Mapping[str, float] | None = None
+    learn_nonlinearity: bool = True
+    wavelet_method: str = "fft"
+    compute_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        modes = filters.block_filter_modes(len(self.widths), self.num_standard_blocks)
+        for b, (width, mode) in enumerate(zip(self.widths, modes)):
+            x = layers.PhaseCollapseBlock(
+                features=width,
+                num_angles=self.num_angles,
+                filter_mode=mode,
+                block_type=self.block_type,
+                nonlinearity=self.nonlinearity,
+                nonlinearity_init=self.nonlinearity_init,
+                learn_nonlinearity=self.learn_nonlinearity,
+                wavelet_method=self.wavelet_method,
+                compute_dtype=self.compute_dtype,
+                name=f"block{b}",
+            )(x, train)
+        return layers.Classifier(self.num_classes, name="head")(x, train)
+
+
+# --- Bias-free ResNet-18 baselines (REFERENCE.md 3.9) -------------------------------------------
+
+# Kaiming-normal, fan_out, ReLU gain: PyTorch's ResNet conv initialisation.
+_conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+class NonLin(nn.Module):
+    """Real point-wise non-linearity of the ResNet baselines.
+
+    `thresh` uses a fixed per-channel threshold (init 1): in the reference its `requires_grad`
+    is False because of a typo, so the Table-3 threshold is never trained; we match that.
+    """
+
+    name_: str
+    threshold: float = 1.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.name_ == "thresh":
+            return nonlinear.soft_threshold(x, jnp.full((x.shape[-1],), self.threshold, x.dtype))
+        return nonlinear.apply_real_nonlinearity(self.name_, x)
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block, bias-free convolutions, non-affine BatchNorm, `NonLin` activations."""
+
+    features: int
+    strides: int
+    nonlinearity: str
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        bn = lambda name: layers.BatchStandardize(name=name)  # noqa: E731
+        conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
+            f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
+            kernel_init=_conv_init, name=name)
+        y = conv(self.features, 3, self.strides, "conv1")(x)
+        y = NonLin(self.nonlinearity, name="act1")(bn("bn1")(y, not train))
+        y = bn("bn2")(conv(self.features, 3, 1, "conv2")(y), not train)
+        if self.strides != 1 or x.shape[-1] != self.features:
+            x = bn("downsample_bn")(conv(self.features, 1, self.strides, "downsample")(x),
+                                    not train)
+        return NonLin(self.nonlinearity, name="act2")(y + x)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2]) with no biases but the classifier's.
+
+    Every BatchNorm is non-affine (`--no-bias`), every ReLU is replaced by `nonlinearity`.
+    """
+
+    num_classes: int = 1000
+    nonlinearity: str = "relu"
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
+                    kernel_init=_conv_init, name="conv1")(x)
+        x = NonLin(self.nonlinearity, name="act1")(
+            layers.BatchStandardize(name="bn1")(x, not train))
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
+        for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for i in range(n):
+                strides = 2 if (s > 0 and i == 0) else 1
+                x = BasicBlock(width, strides, self.nonlinearity, name=f"layer{s + 1}_{i}")(
+                    x, train)
+        x = jnp.mean(x, axis=(1, 2))
+        init = layers.torch_linear_init(x.shape[-1])
+        return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="fc")(x)
+
+
+# --- Registry -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """How to build a registered network and what input it expects."""
+
+    name: str
+    module: type[nn.Module]
+    kwargs: Mapping[str, Any]
+    image_shape: tuple[int, int, int]
+
+    def build(self, **overrides: Any) -> nn.Module:
+        return self.module(**{**self.kwargs, **overrides})
+
+
+CIFAR10_WIDTHS = (64, 128, 256, 512, 512, 512, 512, 512)
+IMAGENET_WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
+# Quick start: 16x16 digits, three factorised blocks (16 -> 16 -> 8 -> 8), L = 8.
+DIGITS_WIDTHS = (32, 64, 64)
+TABLE2_NONLINEARITIES = ("mod", "cst", "ms", "mc", "tanh")
+RESNET_NONLINEARITIES = ("relu", "abs", "thresh", "tanh", "powfixed")
+
+
+def _phase_collapse_specs() -> dict[str, ModelSpec]:
+    families = {
+        "cifar10": dict(widths=CIFAR10_WIDTHS, num_classes=10, num_angles=4,
+                        num_standard_blocks=0, shape=(32, 32, 3)),
+        "imagenet": dict(widths=IMAGENET_WIDTHS, num_classes=1000, num_angles=8,
+                         num_standard_blocks=1, shape=(224, 224, 3)),
+        "digits": dict(widths=DIGITS_WIDTHS, num_classes=10, num_angles=8,
+                       num_standard_blocks=0, shape=(16, 16, 1)),
+    }
+    specs = {}
+    for family, f in families.items():
+        for rho in TABLE2_NONLINEARITIES:
+            for block_type in layers.BLOCK_TYPES:
+                name = f"{family}/{rho}/{block_type}"
+                kwargs = {k: v for k, v in f.items() if k != "shape"}
+                kwargs.update(block_type=block_type, nonlinearity=rho)
+                specs[name] = ModelSpec(name, PhaseCollapseNet, kwargs, f["shape"])
+    return specs
+
+
+def _resnet_specs() -> dict[str, ModelSpec]:
+    return {
+        f"resnet18/{rho}": ModelSpec(f"resnet18/{rho}", ResNet18,
+                                     dict(num_classes=1000, nonlinearity=rho), (224, 224, 3))
+        for rho in RESNET_NONLINEARITIES
+    }
+
+
+MODELS: dict[str, ModelSpec] = {**_phase_collapse_specs(), **_resnet_specs()}
+MODEL_NAMES = tuple(MODELS)
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    """The `ModelSpec` registered under `name`; ValueError lists valid names otherwise."""
+    if name not in MODELS:
+        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}.")
+    return MODELS[name]
+
+
+def build_model(name: str, **overrides: Any) -> nn.Module:
+    """Builds the registered network `name`, with optional constructor overrides."""
+    return get_model_spec(name).build(**overrides)
+
+
+def count_params(params: Any) -> int:
+    """Number of real scalars in a parameter pytree (complex weights are stored as pairs)."""
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
