@@ -1,0 +1,121 @@
+"""Std, Pc, the phase-collapse block and the classifier against NumPy compositions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcjax import complex_ops, layers, nonlinear, wavelets
+
+
+def _rand(rng, shape, complex_=True):
+    x = rng.standard_normal(shape)
+    if complex_:
+        x = x + 1j * rng.standard_normal(shape)
+    return x.astype(np.complex64 if complex_ else np.float32)
+
+
+@pytest.mark.parametrize("complex_", [True, False])
+def test_batch_standardize_train_eval_and_running_stats(complex_):
+    rng = np.random.default_rng(0)
+    x = _rand(rng, (4, 3, 5, 6), complex_) * 2 + (1.5 - 0.5j if complex_ else 1.5)
+    mod = layers.BatchStandardize()
+    variables = mod.init(jax.random.key(0), x, use_running_average=False)
+    y, updates = mod.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+    x64 = x.astype(np.complex128 if complex_ else np.float64)
+    mu = x64.mean(axis=(0, 1, 2))
+    var = (np.abs(x64 - mu) ** 2).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(y, (x64 - mu) / np.sqrt(var + 1e-5), rtol=1e-4, atol=1e-5)
+    n = 4 * 3 * 5
+    stats = updates["batch_stats"]
+    want_mean = 0.1 * (np.stack([mu.real, mu.imag], -1) if complex_ else mu)
+    np.testing.assert_allclose(stats["mean"], want_mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * var * n / (n - 1), rtol=1e-5)
+    # Eval mode uses the running statistics, not the batch's.
+    y_eval = mod.apply({"batch_stats": stats}, x, use_running_average=True)
+    run_mu = mu * 0.1
+    np.testing.assert_allclose(
+        y_eval, (x64 - run_mu) / np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_standardize_affine_real():
+    rng = np.random.default_rng(1)
+    x = _rand(rng, (8, 4), complex_=False)
+    mod = layers.BatchStandardize(affine=True)
+    v = mod.init(jax.random.key(0), x, use_running_average=False)
+    assert set(v["params"]) == {"scale", "bias"}
+    v = {**v, "params": {"scale": jnp.full(4, 2.0), "bias": jnp.full(4, -1.0)}}
+    y, _ = mod.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    z = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5)
+    np.testing.assert_allclose(y, 2 * z - 1, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="real inputs"):
+        mod.init(jax.random.key(0), x.astype(np.complex64), use_running_average=False)
+
+
+def _np_std(z):
+    mu = z.mean(axis=(0, 1, 2))
+    var = (np.abs(z - mu) ** 2).mean(axis=(0, 1, 2))
+    return (z - mu) / np.sqrt(var + 1e-5)
+
+
+@pytest.mark.parametrize("block_type", layers.BLOCK_TYPES)
+@pytest.mark.parametrize("rho", ["mod", "cst"])
+@pytest.mark.parametrize("complex_input", [False, True])
+def test_block_equals_composition(block_type, rho, complex_input):
+    """The block is N(Pc(Std(R(W U)))) with R's channel order of REFERENCE.md 7.4."""
+    rng = np.random.default_rng(2)
+    x = _rand(rng, (3, 8, 8, 2), complex_input)
+    block = layers.PhaseCollapseBlock(features=5, num_angles=4, filter_mode="factorized_odd",
+                                      block_type=block_type, nonlinearity=rho)
+    v = block.init(jax.random.key(1), x, train=True)
+    y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
+
+    phi, psi = (np.asarray(a).astype(np.complex128)
+                for a in wavelets.wavelet_transform(jnp.asarray(x), 4, "factorized_odd"))
+    params = v["params"]
+
+    def rho_fn(z):
+        p = {"threshold": np.asarray(params["rho_threshold"])} if rho == "cst" else {}
+        return np.asarray(nonlinear.apply_complex_nonlinearity(
+            rho, jnp.asarray(z.astype(np.complex64)), **p))
+
+    if block_type == "rho_psi":
+        z = np.concatenate([phi, rho_fn(psi)], -1)
+        assert z.shape[-1] == 2 * (1 + 4)
+    else:
+        w = np.concatenate([phi, psi], -1)
+        z = np.concatenate([w, rho_fn(w)], -1)
+        assert z.shape[-1] == 2 * 2 * (1 + 4)
+    if rho == "cst":
+        # one threshold per channel rho sees, initialised to 0.1 as in the paper's runs
+        n_rho = 2 * 4 if block_type == "rho_psi" else 2 * 5
+        np.testing.assert_array_equal(params["rho_threshold"], np.full(n_rho, 0.1, np.float32))
+    u = _np_std(z) @ np.asarray(complex_ops.to_complex(params["proj"]["kernel"]))
+    u = u / np.linalg.norm(u, axis=-1, keepdims=True)
+    # float32 FFTs + std + matmul, O(1) outputs.
+    np.testing.assert_allclose(np.asarray(y), u, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=-1), 1, rtol=1e-5)
+
+
+def test_filters_are_not_parameters():
+    x = jnp.ones((1, 8, 8, 1))
+    v = layers.PhaseCollapseBlock(4, 4, "factorized_even").init(jax.random.key(0), x)
+    leaves = jax.tree_util.tree_leaves_with_path(v["params"])
+    assert [jax.tree_util.keystr(p) for p, _ in leaves] == ["['proj']['kernel']"]
+
+
+def test_classifier_interleaves_and_flattens_channel_major():
+    rng = np.random.default_rng(3)
+    u = _rand(rng, (4, 2, 2, 3))
+    head = layers.Classifier(num_classes=7)
+    v = head.init(jax.random.key(0), u, train=True)
+    assert v["params"]["linear"]["kernel"].shape == (2 * 3 * 2 * 2, 7)
+    logits, _ = head.apply(v, u, train=True, mutable=["batch_stats"])
+    x = np.stack([u.real, u.imag], -1).reshape(4, 2, 2, 6).astype(np.float64)
+    x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
+    feats = x.transpose(0, 3, 1, 2).reshape(4, -1)  # (channel, h, w) as in the reference
+    want = feats @ np.asarray(v["params"]["linear"]["kernel"]) + np.asarray(
+        v["params"]["linear"]["bias"])
+    np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
+    bound = 1 / np.sqrt(24)
+    assert np.abs(np.asarray(v["params"]["linear"]["kernel"])).max() <= bound

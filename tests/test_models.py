@@ -1,0 +1,119 @@
+"""Every registered network: parameter counts and per-block shapes of REFERENCE.md 3.7, and
+finite gradients (zero inputs included)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pcjax import models
+
+# REFERENCE.md 3.7 / 3.9: total real parameters (complex weights count twice).
+EXPECTED_PARAMS = {
+    "cifar10/mod/rho_psi": 12_251_018, "cifar10/mod/linear_plus_rho": 24_459_018,
+    "cifar10/mc/rho_psi": 12_251_018, "cifar10/mc/linear_plus_rho": 24_459_018,
+    "cifar10/tanh/rho_psi": 12_251_018, "cifar10/tanh/linear_plus_rho": 24_459_018,
+    "cifar10/cst/rho_psi": 12_261_014, "cifar10/cst/linear_plus_rho": 24_471_513,
+    "cifar10/ms/rho_psi": 12_271_010, "cifar10/ms/linear_plus_rho": 24_484_008,
+    "imagenet/mod/rho_psi": 29_052_584, "imagenet/mod/linear_plus_rho": 53_495_144,
+    **{f"resnet18/{r}": 11_679_912 for r in models.RESNET_NONLINEARITIES},
+}
+
+# block: (spatial out, Std width A, Std width B, Pc out)
+IMAGENET_BLOCKS = [(112, 27, 54, 32), (112, 288, 576, 64), (56, 576, 1152, 64),
+                   (56, 576, 1152, 128), (28, 1152, 2304, 256), (28, 2304, 4608, 512),
+                   (14, 4608, 9216, 512), (14, 4608, 9216, 512), (7, 4608, 9216, 512),
+                   (6, 4608, 9216, 512), (3, 4608, 9216, 256)]
+CIFAR_BLOCKS = [(32, 15, 30, 64), (16, 320, 640, 128), (16, 640, 1280, 256),
+                (8, 1280, 2560, 512), (8, 2560, 5120, 512), (4, 2560, 5120, 512),
+                (4, 2560, 5120, 512), (2, 2560, 5120, 512)]
+
+
+def _abstract(name, batch=2):
+    spec = models.get_model_spec(name)
+    model = spec.build()
+    x = jax.ShapeDtypeStruct((batch,) + spec.image_shape, jnp.float32)
+    variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros(x.shape), train=False),
+                               jax.random.key(0))
+    return model, x, variables
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PARAMS))
+def test_parameter_counts(name):
+    _, _, variables = _abstract(name)
+    assert models.count_params(variables["params"]) == EXPECTED_PARAMS[name]
+
+
+def test_every_registered_name_builds():
+    for name in models.MODEL_NAMES:
+        spec = models.get_model_spec(name)
+        assert spec.build() is not None
+    assert len([n for n in models.MODEL_NAMES if n.startswith("cifar10/")]) == 10
+    with pytest.raises(ValueError, match="valid choices"):
+        models.get_model_spec("cifar10/relu/rho_psi")
+
+
+@pytest.mark.parametrize("family,table", [("imagenet", IMAGENET_BLOCKS), ("cifar10", CIFAR_BLOCKS)])
+@pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
+def test_per_block_shapes(family, table, block_type):
+    model, x, variables = _abstract(f"{family}/mod/{block_type}")
+
+    def run(v, x):
+        return model.apply(v, x, train=False, capture_intermediates=True,
+                           mutable=["intermediates"])
+
+    logits, state = jax.eval_shape(run, variables, x)
+    inter = state["intermediates"]
+    for b, (size, width_a, width_b, out) in enumerate(table):
+        u = inter[f"block{b}"]["__call__"][0]
+        assert u.shape == (2, size, size, out) and u.dtype == jnp.complex64, (b, u.shape)
+        std_width = width_a if block_type == "rho_psi" else width_b
+        assert variables["params"][f"block{b}"]["proj"]["kernel"].shape == (std_width, out, 2)
+        mean = variables["batch_stats"][f"block{b}"]["std"]["mean"]
+        # Block 0 of the modulus rho_psi net sees a real tensor: its Std is real there.
+        real_std = block_type == "rho_psi" and b == 0
+        assert mean.shape == ((std_width,) if real_std else (std_width, 2))
+    assert logits.shape == (2, 1000 if family == "imagenet" else 10)
+
+
+NARROW = dict(widths=(4, 6, 6, 8))
+
+
+@pytest.mark.parametrize("rho", models.TABLE2_NONLINEARITIES)
+@pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
+def test_gradients_finite_including_zero_images(rho, block_type):
+    """Same architecture as the paper's CIFAR nets, narrowed so a real backward pass is cheap."""
+    model = models.build_model(f"cifar10/{rho}/{block_type}", **NARROW)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
+    x[1] = 0  # an all-zero image: zero wavelet coefficients enter every modulus
+    labels = jnp.arange(4) % 10
+    variables = model.init(jax.random.key(0), x, train=True)
+
+    def loss(params, x):
+        logits, _ = model.apply({**variables, "params": params}, x, train=True,
+                                mutable=["batch_stats"])
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+    value, (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1))(variables["params"], x)
+    assert np.isfinite(float(value))
+    for g in jax.tree_util.tree_leaves(g_params) + [g_x]:
+        assert np.all(np.isfinite(np.asarray(g)))
+    assert float(jnp.abs(g_x).sum()) > 0
+
+
+@pytest.mark.parametrize("rho", models.RESNET_NONLINEARITIES)
+def test_resnet_gradients_finite(rho):
+    model = models.build_model(f"resnet18/{rho}", widths=(4, 8, 8, 8), num_classes=5)
+    x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x, train=True)
+    assert set(variables["params"]) == {"conv1", "fc"} | {
+        f"layer{s}_{i}" for s in range(1, 5) for i in range(2)}
+
+    def loss(params):
+        out, _ = model.apply({**variables, "params": params}, x, train=True,
+                             mutable=["batch_stats"])
+        return jnp.sum(out ** 2)
+
+    grads = jax.grad(loss)(variables["params"])
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
