@@ -32,7 +32,7 @@ def to_pair(z: jax.Array) -> jax.Array:
 
 
 def interleave_real_imag(z: jax.Array) -> jax.Array:
-    """complex[..., c] -> real[..., 2c] with channel 2k = Re z_k, 2k + 1 = Im z_k (classifier input).
+    """complex[..., c] -> real[..., 2c], channel 2k = Re z_k, 2k + 1 = Im z_k (classifier input).
 
     A real input is promoted with zero imaginary parts, as in the reference.
     """
@@ -85,9 +85,9 @@ def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
     Our kernel is W^T (input axis first), the layout of `complex_projection`.
     """
     kr, ki = jax.random.split(key)
-    g = (jax.random.normal(kr, (c_out, c_in)) + 1j * jax.random.normal(ki, (c_out, c_in))) / np.sqrt(
-        2.0
-    )
+    g = (
+        jax.random.normal(kr, (c_out, c_in)) + 1j * jax.random.normal(ki, (c_out, c_in))
+    ) / np.sqrt(2.0)
     u, _, vh = jnp.linalg.svd(g, full_matrices=False)
     w = vh if c_out <= c_in else u  # [c_out, c_in]
     return to_pair(w.T).astype(jnp.float32)

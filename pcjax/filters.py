@@ -132,15 +132,15 @@ def filter_specs(L: int, mode: str, scales_per_octave: int = 1) -> tuple[FilterS
     s = default_slant(L)
     thetas = angles(L)
     if mode == "standard":
-        scales = [(SIGMA0 * 2**j, XI0 / 2**j, s) for j in np.arange(scales_per_octave) /
-                  scales_per_octave]
+        scales = [
+            (SIGMA0 * 2**j, XI0 / 2**j, s) for j in np.arange(scales_per_octave) / scales_per_octave
+        ]
         lowpass = FilterSpec("gabor", SIGMA0, 0.0, 0.0, 1.0)  # sigma0 * 2^(J-1) with J = 1
     elif mode == "factorized_even":
         scales = [(SIGMA0, XI0, s)]
         lowpass = FilterSpec("gabor", SIGMA0 / math.sqrt(2), 0.0, 0.0, 1.0)
     else:
-        scales = [(SIGMA0 * math.sqrt(1.5), np.pi / math.sqrt(2),
-                   math.sqrt(3 * s**2 / (4 - s**2)))]
+        scales = [(SIGMA0 * math.sqrt(1.5), np.pi / math.sqrt(2), math.sqrt(3 * s**2 / (4 - s**2)))]
         lowpass = FilterSpec("gabor", SIGMA0 / math.sqrt(2), 0.0, 0.0, 1.0)
     wavelets = [
         FilterSpec("morlet", float(sigma), float(theta), float(xi), float(slant))
@@ -188,7 +188,8 @@ def block_filter_modes(num_blocks: int, num_standard_blocks: int) -> tuple[str, 
             f"num_standard_blocks={num_standard_blocks} must lie in [0, num_blocks={num_blocks}]."
         )
     return tuple(
-        "standard" if b < num_standard_blocks
+        "standard"
+        if b < num_standard_blocks
         else ("factorized_even", "factorized_odd")[(b - num_standard_blocks) % 2]
         for b in range(num_blocks)
     )

@@ -60,8 +60,9 @@ class BatchStandardize(nn.Module):
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axis=axes)
             centred = x - mean
-            var = jnp.mean(jnp.real(centred * jnp.conj(centred)) if is_complex else centred**2,
-                           axis=axes)
+            var = jnp.mean(
+                jnp.real(centred * jnp.conj(centred)) if is_complex else centred**2, axis=axes
+            )
             if not self.is_initializing():
                 n = int(np.prod([x.shape[a] for a in axes]))
                 m = self.momentum
@@ -140,9 +141,12 @@ class PhaseCollapseBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.block_type not in BLOCK_TYPES:
-            raise ValueError(f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}.")
-        phi, psi = wavelets.wavelet_transform(x, self.num_angles, self.filter_mode,
-                                              self.wavelet_method)
+            raise ValueError(
+                f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
+            )
+        phi, psi = wavelets.wavelet_transform(
+            x, self.num_angles, self.filter_mode, self.wavelet_method
+        )
         if self.block_type == "rho_psi":
             z = _concat_channels([phi, self._rho(psi)])
         else:

@@ -41,7 +41,7 @@ class PhaseCollapseNet(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         modes = filters.block_filter_modes(len(self.widths), self.num_standard_blocks)
-        for b, (width, mode) in enumerate(zip(self.widths, modes)):
+        for b, (width, mode) in enumerate(zip(self.widths, modes, strict=True)):
             x = layers.PhaseCollapseBlock(
                 features=width,
                 num_angles=self.num_angles,
@@ -91,14 +91,21 @@ class BasicBlock(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         bn = lambda name: layers.BatchStandardize(name=name)  # noqa: E731
         conv = lambda f, k, s, name: nn.Conv(  # noqa: E731
-            f, (k, k), (s, s), padding=[(k // 2, k // 2)] * 2, use_bias=False,
-            kernel_init=_conv_init, name=name)
+            f,
+            (k, k),
+            (s, s),
+            padding=[(k // 2, k // 2)] * 2,
+            use_bias=False,
+            kernel_init=_conv_init,
+            name=name,
+        )
         y = conv(self.features, 3, self.strides, "conv1")(x)
         y = NonLin(self.nonlinearity, name="act1")(bn("bn1")(y, not train))
         y = bn("bn2")(conv(self.features, 3, 1, "conv2")(y), not train)
         if self.strides != 1 or x.shape[-1] != self.features:
-            x = bn("downsample_bn")(conv(self.features, 1, self.strides, "downsample")(x),
-                                    not train)
+            x = bn("downsample_bn")(
+                conv(self.features, 1, self.strides, "downsample")(x), not train
+            )
         return NonLin(self.nonlinearity, name="act2")(y + x)
 
 
@@ -115,16 +122,25 @@ class ResNet18(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = nn.Conv(self.widths[0], (7, 7), (2, 2), padding=[(3, 3), (3, 3)], use_bias=False,
-                    kernel_init=_conv_init, name="conv1")(x)
+        x = nn.Conv(
+            self.widths[0],
+            (7, 7),
+            (2, 2),
+            padding=[(3, 3), (3, 3)],
+            use_bias=False,
+            kernel_init=_conv_init,
+            name="conv1",
+        )(x)
         x = NonLin(self.nonlinearity, name="act1")(
-            layers.BatchStandardize(name="bn1")(x, not train))
+            layers.BatchStandardize(name="bn1")(x, not train)
+        )
         x = nn.max_pool(x, (3, 3), (2, 2), padding=[(1, 1), (1, 1)])
-        for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths)):
+        for s, (n, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for i in range(n):
                 strides = 2 if (s > 0 and i == 0) else 1
                 x = BasicBlock(width, strides, self.nonlinearity, name=f"layer{s + 1}_{i}")(
-                    x, train)
+                    x, train
+                )
         x = jnp.mean(x, axis=(1, 2))
         init = layers.torch_linear_init(x.shape[-1])
         return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="fc")(x)
@@ -156,12 +172,27 @@ RESNET_NONLINEARITIES = ("relu", "abs", "thresh", "tanh", "powfixed")
 
 def _phase_collapse_specs() -> dict[str, ModelSpec]:
     families = {
-        "cifar10": dict(widths=CIFAR10_WIDTHS, num_classes=10, num_angles=4,
-                        num_standard_blocks=0, shape=(32, 32, 3)),
-        "imagenet": dict(widths=IMAGENET_WIDTHS, num_classes=1000, num_angles=8,
-                         num_standard_blocks=1, shape=(224, 224, 3)),
-        "digits": dict(widths=DIGITS_WIDTHS, num_classes=10, num_angles=8,
-                       num_standard_blocks=0, shape=(16, 16, 1)),
+        "cifar10": dict(
+            widths=CIFAR10_WIDTHS,
+            num_classes=10,
+            num_angles=4,
+            num_standard_blocks=0,
+            shape=(32, 32, 3),
+        ),
+        "imagenet": dict(
+            widths=IMAGENET_WIDTHS,
+            num_classes=1000,
+            num_angles=8,
+            num_standard_blocks=1,
+            shape=(224, 224, 3),
+        ),
+        "digits": dict(
+            widths=DIGITS_WIDTHS,
+            num_classes=10,
+            num_angles=8,
+            num_standard_blocks=0,
+            shape=(16, 16, 1),
+        ),
     }
     specs = {}
     for family, f in families.items():
@@ -176,8 +207,9 @@ def _phase_collapse_specs() -> dict[str, ModelSpec]:
 
 def _resnet_specs() -> dict[str, ModelSpec]:
     return {
-        f"resnet18/{rho}": ModelSpec(f"resnet18/{rho}", ResNet18,
-                                     dict(num_classes=1000, nonlinearity=rho), (224, 224, 3))
+        f"resnet18/{rho}": ModelSpec(
+            f"resnet18/{rho}", ResNet18, dict(num_classes=1000, nonlinearity=rho), (224, 224, 3)
+        )
         for rho in RESNET_NONLINEARITIES
     }
 

@@ -92,7 +92,8 @@ def apply_complex_nonlinearity(name: str, z: jax.Array, **params: jax.Array) -> 
     """
     if name not in COMPLEX_NONLINEARITIES:
         raise ValueError(
-            f"Unknown complex non-linearity {name!r}; valid choices: {tuple(COMPLEX_NONLINEARITIES)}."
+            f"Unknown complex non-linearity {name!r}; "
+            f"valid choices: {tuple(COMPLEX_NONLINEARITIES)}."
         )
     if not jnp.iscomplexobj(z):
         raise ValueError(f"Non-linearity {name!r} expects a complex input, got {z.dtype}.")
@@ -131,8 +132,9 @@ def normalize_pixels(x: jax.Array) -> jax.Array:
     x: [batch, h, w, c], real or complex. The reference has no epsilon; an exactly zero pixel
     vector (0 / 0 there) is mapped to 0 here, which changes nothing else.
     """
-    sq = jnp.sum(jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x, axis=-1,
-                 keepdims=True)
+    sq = jnp.sum(
+        jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x, axis=-1, keepdims=True
+    )
     nonzero = sq > 0
     # Double `where` keeps the gradient of sqrt finite at 0.
     norm = jnp.sqrt(jnp.where(nonzero, sq, 1.0))

@@ -79,8 +79,10 @@ def _zero_nonfinite_bwd(_, g):
 zero_nonfinite_grad.defvjp(_zero_nonfinite_fwd, _zero_nonfinite_bwd)
 
 
-def _split_outputs(y: jax.Array, num_wavelets: int, real_input: bool) -> tuple[jax.Array, jax.Array]:
-    """[b, h, w, c, K + 1] -> phi [b, h, w, c], psi [b, h, w, c * K] (channel-major, angle-minor)."""
+def _split_outputs(
+    y: jax.Array, num_wavelets: int, real_input: bool
+) -> tuple[jax.Array, jax.Array]:
+    """[b, h, w, c, K + 1] -> phi [b, h, w, c], psi [b, h, w, c * K] (channel c * K + k)."""
     b, h, w, c, _ = y.shape
     phi = y[..., num_wavelets]
     if real_input:

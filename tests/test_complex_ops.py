@@ -26,12 +26,16 @@ def test_projection_matches_complex_matmul(complex_input):
         x = x + 1j * rng.standard_normal((4, 5, 6))
     w = rng.standard_normal((6, 3)) + 1j * rng.standard_normal((6, 3))
     kernel = np.stack([w.real, w.imag], -1).astype(np.float32)
-    got = complex_ops.complex_projection(jnp.asarray(x.astype(
-        np.complex64 if complex_input else np.float32)), jnp.asarray(kernel))
+    got = complex_ops.complex_projection(
+        jnp.asarray(x.astype(np.complex64 if complex_input else np.float32)), jnp.asarray(kernel)
+    )
     # float32 matmul over 2 x 6 terms of O(1) values.
     np.testing.assert_allclose(got, x @ w, rtol=1e-5, atol=1e-5)
-    low = complex_ops.complex_projection(jnp.asarray(x.astype(
-        np.complex64 if complex_input else np.float32)), jnp.asarray(kernel), jnp.bfloat16)
+    low = complex_ops.complex_projection(
+        jnp.asarray(x.astype(np.complex64 if complex_input else np.float32)),
+        jnp.asarray(kernel),
+        jnp.bfloat16,
+    )
     # bfloat16 operands keep 8 bits of mantissa: ~1e-2 relative.
     np.testing.assert_allclose(low, x @ w, rtol=5e-2, atol=5e-2)
 

@@ -35,7 +35,8 @@ def test_batch_standardize_train_eval_and_running_stats(complex_):
     y_eval = mod.apply({"batch_stats": stats}, x, use_running_average=True)
     run_mu = mu * 0.1
     np.testing.assert_allclose(
-        y_eval, (x64 - run_mu) / np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-4, atol=1e-5)
+        y_eval, (x64 - run_mu) / np.sqrt(np.asarray(stats["var"]) + 1e-5), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_batch_standardize_affine_real():
@@ -65,19 +66,27 @@ def test_block_equals_composition(block_type, rho, complex_input):
     """The block is N(Pc(Std(R(W U)))) with R's channel order of REFERENCE.md 7.4."""
     rng = np.random.default_rng(2)
     x = _rand(rng, (3, 8, 8, 2), complex_input)
-    block = layers.PhaseCollapseBlock(features=5, num_angles=4, filter_mode="factorized_odd",
-                                      block_type=block_type, nonlinearity=rho)
+    block = layers.PhaseCollapseBlock(
+        features=5,
+        num_angles=4,
+        filter_mode="factorized_odd",
+        block_type=block_type,
+        nonlinearity=rho,
+    )
     v = block.init(jax.random.key(1), x, train=True)
     y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
 
-    phi, psi = (np.asarray(a).astype(np.complex128)
-                for a in wavelets.wavelet_transform(jnp.asarray(x), 4, "factorized_odd"))
+    phi, psi = (
+        np.asarray(a).astype(np.complex128)
+        for a in wavelets.wavelet_transform(jnp.asarray(x), 4, "factorized_odd")
+    )
     params = v["params"]
 
     def rho_fn(z):
         p = {"threshold": np.asarray(params["rho_threshold"])} if rho == "cst" else {}
-        return np.asarray(nonlinear.apply_complex_nonlinearity(
-            rho, jnp.asarray(z.astype(np.complex64)), **p))
+        return np.asarray(
+            nonlinear.apply_complex_nonlinearity(rho, jnp.asarray(z.astype(np.complex64)), **p)
+        )
 
     if block_type == "rho_psi":
         z = np.concatenate([phi, rho_fn(psi)], -1)
@@ -115,7 +124,8 @@ def test_classifier_interleaves_and_flattens_channel_major():
     x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
     feats = x.transpose(0, 3, 1, 2).reshape(4, -1)  # (channel, h, w) as in the reference
     want = feats @ np.asarray(v["params"]["linear"]["kernel"]) + np.asarray(
-        v["params"]["linear"]["bias"])
+        v["params"]["linear"]["bias"]
+    )
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
     bound = 1 / np.sqrt(24)
     assert np.abs(np.asarray(v["params"]["linear"]["kernel"])).max() <= bound

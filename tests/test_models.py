@@ -10,31 +10,54 @@ from pcjax import models
 
 # REFERENCE.md 3.7 / 3.9: total real parameters (complex weights count twice).
 EXPECTED_PARAMS = {
-    "cifar10/mod/rho_psi": 12_251_018, "cifar10/mod/linear_plus_rho": 24_459_018,
-    "cifar10/mc/rho_psi": 12_251_018, "cifar10/mc/linear_plus_rho": 24_459_018,
-    "cifar10/tanh/rho_psi": 12_251_018, "cifar10/tanh/linear_plus_rho": 24_459_018,
-    "cifar10/cst/rho_psi": 12_261_014, "cifar10/cst/linear_plus_rho": 24_471_513,
-    "cifar10/ms/rho_psi": 12_271_010, "cifar10/ms/linear_plus_rho": 24_484_008,
-    "imagenet/mod/rho_psi": 29_052_584, "imagenet/mod/linear_plus_rho": 53_495_144,
+    "cifar10/mod/rho_psi": 12_251_018,
+    "cifar10/mod/linear_plus_rho": 24_459_018,
+    "cifar10/mc/rho_psi": 12_251_018,
+    "cifar10/mc/linear_plus_rho": 24_459_018,
+    "cifar10/tanh/rho_psi": 12_251_018,
+    "cifar10/tanh/linear_plus_rho": 24_459_018,
+    "cifar10/cst/rho_psi": 12_261_014,
+    "cifar10/cst/linear_plus_rho": 24_471_513,
+    "cifar10/ms/rho_psi": 12_271_010,
+    "cifar10/ms/linear_plus_rho": 24_484_008,
+    "imagenet/mod/rho_psi": 29_052_584,
+    "imagenet/mod/linear_plus_rho": 53_495_144,
     **{f"resnet18/{r}": 11_679_912 for r in models.RESNET_NONLINEARITIES},
 }
 
 # block: (spatial out, Std width A, Std width B, Pc out)
-IMAGENET_BLOCKS = [(112, 27, 54, 32), (112, 288, 576, 64), (56, 576, 1152, 64),
-                   (56, 576, 1152, 128), (28, 1152, 2304, 256), (28, 2304, 4608, 512),
-                   (14, 4608, 9216, 512), (14, 4608, 9216, 512), (7, 4608, 9216, 512),
-                   (6, 4608, 9216, 512), (3, 4608, 9216, 256)]
-CIFAR_BLOCKS = [(32, 15, 30, 64), (16, 320, 640, 128), (16, 640, 1280, 256),
-                (8, 1280, 2560, 512), (8, 2560, 5120, 512), (4, 2560, 5120, 512),
-                (4, 2560, 5120, 512), (2, 2560, 5120, 512)]
+IMAGENET_BLOCKS = [
+    (112, 27, 54, 32),
+    (112, 288, 576, 64),
+    (56, 576, 1152, 64),
+    (56, 576, 1152, 128),
+    (28, 1152, 2304, 256),
+    (28, 2304, 4608, 512),
+    (14, 4608, 9216, 512),
+    (14, 4608, 9216, 512),
+    (7, 4608, 9216, 512),
+    (6, 4608, 9216, 512),
+    (3, 4608, 9216, 256),
+]
+CIFAR_BLOCKS = [
+    (32, 15, 30, 64),
+    (16, 320, 640, 128),
+    (16, 640, 1280, 256),
+    (8, 1280, 2560, 512),
+    (8, 2560, 5120, 512),
+    (4, 2560, 5120, 512),
+    (4, 2560, 5120, 512),
+    (2, 2560, 5120, 512),
+]
 
 
 def _abstract(name, batch=2):
     spec = models.get_model_spec(name)
     model = spec.build()
     x = jax.ShapeDtypeStruct((batch,) + spec.image_shape, jnp.float32)
-    variables = jax.eval_shape(lambda k: model.init(k, jnp.zeros(x.shape), train=False),
-                               jax.random.key(0))
+    variables = jax.eval_shape(
+        lambda k: model.init(k, jnp.zeros(x.shape), train=False), jax.random.key(0)
+    )
     return model, x, variables
 
 
@@ -59,8 +82,7 @@ def test_per_block_shapes(family, table, block_type):
     model, x, variables = _abstract(f"{family}/mod/{block_type}")
 
     def run(v, x):
-        return model.apply(v, x, train=False, capture_intermediates=True,
-                           mutable=["intermediates"])
+        return model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
 
     logits, state = jax.eval_shape(run, variables, x)
     inter = state["intermediates"]
@@ -91,8 +113,9 @@ def test_gradients_finite_including_zero_images(rho, block_type):
     variables = model.init(jax.random.key(0), x, train=True)
 
     def loss(params, x):
-        logits, _ = model.apply({**variables, "params": params}, x, train=True,
-                                mutable=["batch_stats"])
+        logits, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
         return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
     value, (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1))(variables["params"], x)
@@ -108,12 +131,14 @@ def test_resnet_gradients_finite(rho):
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.key(0), x, train=True)
     assert set(variables["params"]) == {"conv1", "fc"} | {
-        f"layer{s}_{i}" for s in range(1, 5) for i in range(2)}
+        f"layer{s}_{i}" for s in range(1, 5) for i in range(2)
+    }
 
     def loss(params):
-        out, _ = model.apply({**variables, "params": params}, x, train=True,
-                             mutable=["batch_stats"])
-        return jnp.sum(out ** 2)
+        out, _ = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(out**2)
 
     grads = jax.grad(loss)(variables["params"])
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))

@@ -12,7 +12,8 @@ EPS = 1e-6
 
 def _random_complex(rng, shape, scale=1.0):
     return (scale * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))).astype(
-        np.complex64)
+        np.complex64
+    )
 
 
 # Independent float64 transcriptions of REFERENCE.md section 2.4.
@@ -40,11 +41,14 @@ def test_complex_nonlinearity_matches_formula(name):
     z = _random_complex(rng, (5, 7), scale=0.7)
     c = z.shape[-1]
     # Per-channel parameters, random so a broadcasting mistake cannot hide.
-    params = {k: rng.uniform(0.05, 0.9, c).astype(np.float32)
-              for k in nonlinear.COMPLEX_NONLINEARITIES[name]}
+    params = {
+        k: rng.uniform(0.05, 0.9, c).astype(np.float32)
+        for k in nonlinear.COMPLEX_NONLINEARITIES[name]
+    }
     got = np.asarray(nonlinear.apply_complex_nonlinearity(name, jnp.asarray(z), **params))
-    want = _oracle(name, z.astype(np.complex128), {k: v.astype(np.float64)
-                                                   for k, v in params.items()})
+    want = _oracle(
+        name, z.astype(np.complex128), {k: v.astype(np.float64) for k, v in params.items()}
+    )
     # float32 evaluation of O(1) quantities: a few ulps.
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
     assert got.dtype == (np.float32 if name == "mod" else np.complex64)
@@ -90,7 +94,8 @@ def test_real_nonlinearity_matches_formula(name):
     got = nonlinear.apply_real_nonlinearity(name, jnp.asarray(x), **params)
     np.testing.assert_allclose(got, oracle, rtol=1e-6, atol=1e-6)
     g = jax.grad(lambda x: jnp.sum(nonlinear.apply_real_nonlinearity(name, x, **params)))(
-        jnp.zeros(9))
+        jnp.zeros(9)
+    )
     assert np.all(np.isfinite(np.asarray(g)))
 
 
