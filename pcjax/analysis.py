@@ -689,8 +689,11 @@ def layerwise_separation(
             images, labels, mask = _unpack_batch(batch)
             images, labels = jnp.asarray(images), jnp.asarray(labels, jnp.int32)
             mask = jnp.asarray(mask, jnp.float32)
-            pass_means = means if means is not None else {
-                k: (s.sums, jnp.zeros((num_classes,), bool)) for k, s in stats.items()}
+            pass_means = (
+                means
+                if means is not None
+                else {k: (s.sums, jnp.zeros((num_classes,), bool)) for k, s in stats.items()}
+            )
             stats, ncm, sketched = step(stats, ncm, pass_means, variables, images, labels, mask)
             if collect and (probe_max_examples is None or num_kept < probe_max_examples):
                 room = None if probe_max_examples is None else probe_max_examples - num_kept
@@ -714,8 +717,11 @@ def layerwise_separation(
 
     def fresh_stats() -> dict[str, SeparationStats]:
         return {
-            k: init_stats(num_classes, s.shape[1], jnp.complex64
-                          if jnp.issubdtype(s.dtype, jnp.complexfloating) else jnp.float32)
+            k: init_stats(
+                num_classes,
+                s.shape[1],
+                jnp.complex64 if jnp.issubdtype(s.dtype, jnp.complexfloating) else jnp.float32,
+            )
             for k, s in shapes.items()
         }
 
@@ -754,8 +760,14 @@ def layerwise_separation(
             pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
             for k in dims:
                 acc = linear_probe_accuracy(
-                    pad(train_x[k]), train_y, pad(eval_x[k]), eval_y, num_classes,
-                    steps=probe_steps, l2=probe_l2, max_dim=None,
+                    pad(train_x[k]),
+                    train_y,
+                    pad(eval_x[k]),
+                    eval_y,
+                    num_classes,
+                    steps=probe_steps,
+                    l2=probe_l2,
+                    max_dim=None,
                 )
                 results[k]["train/probe_accuracy"] = acc["train_accuracy"]
                 results[k]["eval/probe_accuracy"] = acc["test_accuracy"]
@@ -802,15 +814,24 @@ def make_separation_grad_fn(
     calls, and `separation_gradients`, reuse one compiled function per input shape.
     """
 
-    def objective(params: Any, images: jax.Array, variables: Mapping[str, Any], labels: jax.Array,
-                  mask: jax.Array | None) -> jax.Array:
+    def objective(
+        params: Any,
+        images: jax.Array,
+        variables: Mapping[str, Any],
+        labels: jax.Array,
+        mask: jax.Array | None,
+    ) -> jax.Array:
         full = {**variables, "params": params}
         return separation_objective(model, full, images, labels, layer, num_classes, mask)
 
     value_and_grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1)))
 
-    def fn(variables: Mapping[str, Any], images: jax.Array, labels: jax.Array,
-           mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array, Any]:
+    def fn(
+        variables: Mapping[str, Any],
+        images: jax.Array,
+        labels: jax.Array,
+        mask: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array, Any]:
         variables = dict(variables)
         value, (g_params, g_images) = value_and_grads(
             variables["params"], images, variables, labels, mask
@@ -896,10 +917,12 @@ def load_variables_from_workdir(
         if not isinstance(restored, Mapping) or collection not in restored:
             raise ValueError(f"Checkpoint at step {step} has no {collection!r} entry.")
         got = restored[collection] or {}  # an empty collection may come back as None
-        want_paths = {jax.tree_util.keystr(p): v for p, v in
-                      jax.tree_util.tree_leaves_with_path(want)}
-        got_paths = {jax.tree_util.keystr(p): v for p, v in
-                     jax.tree_util.tree_leaves_with_path(got)}
+        want_paths = {
+            jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(want)
+        }
+        got_paths = {
+            jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(got)
+        }
         if set(want_paths) != set(got_paths):
             missing = sorted(set(want_paths) - set(got_paths))[:5]
             extra = sorted(set(got_paths) - set(want_paths))[:5]

@@ -38,9 +38,16 @@ def oracle_separation(x, y, num_classes):
         within += np.sum(np.abs(xk - means[k]) ** 2)
         between += len(xk) * np.sum(np.abs(means[k] - mu) ** 2)
     total = np.sum(np.abs(x - mu) ** 2) / n
-    return dict(class_means=means, mean=mu, counts=counts, trace_within=within / n,
-                trace_between=between / n, trace_total=total, fisher_ratio=within / between,
-                between_within_ratio=between / within)
+    return dict(
+        class_means=means,
+        mean=mu,
+        counts=counts,
+        trace_within=within / n,
+        trace_between=between / n,
+        trace_total=total,
+        fisher_ratio=within / between,
+        between_within_ratio=between / within,
+    )
 
 
 def oracle_ncm(x, y, means, present):
@@ -67,7 +74,7 @@ def padded_batches(x, y, batch_size):
     """Fixed-size batches; the last is padded with garbage features and labels, mask 0."""
     out = []
     for start in range(0, len(x), batch_size):
-        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         pad = batch_size - len(xb)
         mask = np.r_[np.ones(len(xb)), np.zeros(pad)].astype(np.float32)
         xb = np.concatenate([xb, np.full((pad,) + x.shape[1:], 50.0, x.dtype)])
@@ -97,13 +104,18 @@ def test_streaming_stats_match_float64_oracle(complex_):
         np.testing.assert_array_equal(fin["class_present"], ref["counts"] > 0)
         # float32 sums of <= 37 terms of size ~|offset + centre|^2 ~ 25 per coordinate, after the
         # automatic shift by the first batch's mean: errors ~1e-6 relative; 1e-5 leaves margin.
-        np.testing.assert_allclose(fin["class_means"][ref["counts"] > 0],
-                                   ref["class_means"][ref["counts"] > 0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            fin["class_means"][ref["counts"] > 0],
+            ref["class_means"][ref["counts"] > 0],
+            rtol=1e-5,
+            atol=1e-5,
+        )
         np.testing.assert_allclose(fin["mean"], ref["mean"], rtol=1e-5, atol=1e-5)
         for key in analysis._SCALARS:
             np.testing.assert_allclose(float(fin[key]), ref[key], rtol=1e-5, err_msg=key)
-        np.testing.assert_allclose(float(fin["trace_total"]),
-                                   float(fin["trace_within"] + fin["trace_between"]), rtol=1e-5)
+        np.testing.assert_allclose(
+            float(fin["trace_total"]), float(fin["trace_within"] + fin["trace_between"]), rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("complex_", [False, True])
@@ -169,8 +181,9 @@ def test_ncm_streaming_matches_oracle(complex_):
     # Overlapping classes so that the accuracy is neither 0 nor 1.
     x_te = x_te + 1.5 * np.random.default_rng(6).normal(size=x_te.shape).astype(x_te.dtype)
     dtype = jnp.complex64 if complex_ else jnp.float32
-    fin = analysis.finalize(analysis.update_stats(analysis.init_stats(NUM_CLASSES, 6, dtype),
-                                                  x_tr, y_tr))
+    fin = analysis.finalize(
+        analysis.update_stats(analysis.init_stats(NUM_CLASSES, 6, dtype), x_tr, y_tr)
+    )
     ref_means = oracle_separation(x_tr, y_tr, NUM_CLASSES)["class_means"]
     present = np.asarray(fin["class_present"])
     assert not present[3]  # class 3 absent from the fitting set: never predicted
@@ -253,22 +266,32 @@ def test_capture_returns_every_block(tiny_net):
     capture = jax.jit(analysis.capture_block_outputs, static_argnums=(0, 3))
     out = capture(model, variables, images[:3])
     names = []  # Python-side order (jit outputs come back with sorted dict keys)
-    jax.eval_shape(lambda v, x: names.extend(analysis.capture_block_outputs(model, v, x)) or 0,
-                   variables, images[:3])
+    jax.eval_shape(
+        lambda v, x: names.extend(analysis.capture_block_outputs(model, v, x)) or 0,
+        variables,
+        images[:3],
+    )
     assert names == ["input", "block0", "block1"] and sorted(out) == sorted(names)
     assert out["block0"].shape == (3, 8, 8, 4) and out["block0"].dtype == jnp.complex64
     assert out["block1"].shape == (3, 4, 4, 6) and out["block1"].dtype == jnp.complex64
     np.testing.assert_array_equal(out["input"], images[:3])
     np.testing.assert_allclose(jnp.sum(jnp.abs(out["block1"]) ** 2, -1), 1.0, rtol=1e-5)
     # Same values as a plain apply (eval mode).
-    _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, capture_intermediates=True,
-                                                mutable=["intermediates"]))(variables, images[:3])
-    np.testing.assert_allclose(out["block1"], state["intermediates"]["block1"]["__call__"][0],
-                               atol=1e-6)
+    _, state = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=False, capture_intermediates=True, mutable=["intermediates"]
+        )
+    )(variables, images[:3])
+    np.testing.assert_allclose(
+        out["block1"], state["intermediates"]["block1"]["__call__"][0], atol=1e-6
+    )
 
     feats = analysis.make_feature_fn(model, variables)(images[:3])
     assert {k: v.shape for k, v in feats.items()} == {
-        "input": (3, 64), "block0": (3, 256), "block1": (3, 96)}
+        "input": (3, 64),
+        "block0": (3, 256),
+        "block1": (3, 96),
+    }
     # jit vs op-by-op: float32 rounding differences only.
     np.testing.assert_allclose(feats["block1"], out["block1"].reshape(3, -1), atol=1e-6)
     pooled = analysis.make_feature_fn(model, variables, ["block1"], pooling="mean")(images[:3])
@@ -278,8 +301,11 @@ def test_capture_returns_every_block(tiny_net):
     assert sorted(nested) == ["block0/std", "head"]
     assert nested["head"].shape == (2, NUM_CLASSES) and nested["block0/std"].shape == (2, 8, 8, 9)
     with pytest.raises(KeyError, match="block7"):
-        jax.eval_shape(lambda v, x: analysis.capture_block_outputs(model, v, x, ["block7"]),
-                       variables, images[:2])
+        jax.eval_shape(
+            lambda v, x: analysis.capture_block_outputs(model, v, x, ["block7"]),
+            variables,
+            images[:2],
+        )
 
 
 def test_capture_resnet_layers():
@@ -301,9 +327,13 @@ def test_layerwise_separation_matches_oracles(tiny_net):
     test_feats = analysis.make_feature_fn(model, variables)(test_images)
 
     res = analysis.layerwise_separation(
-        model, variables,
+        model,
+        variables,
         lambda: ({"image": i, "label": lb, "mask": m} for i, lb, m in train),
-        NUM_CLASSES, eval_batches=test, linear_probe=True, probe_steps=10,
+        NUM_CLASSES,
+        eval_batches=test,
+        linear_probe=True,
+        probe_steps=10,
     )
     assert list(res) == ["input", "block0", "block1"]
     for layer, r in res.items():
@@ -317,9 +347,11 @@ def test_layerwise_separation_matches_oracles(tiny_net):
         present = ref["counts"] > 0
         # Counts are exact; the ratio is a float32 division.
         assert r["train/ncm_accuracy"] == pytest.approx(
-            oracle_ncm(feats[layer], labels, ref["class_means"], present), abs=1e-6)
+            oracle_ncm(feats[layer], labels, ref["class_means"], present), abs=1e-6
+        )
         assert r["eval/ncm_accuracy"] == pytest.approx(
-            oracle_ncm(test_feats[layer], labels[::-1], ref["class_means"], present), abs=1e-6)
+            oracle_ncm(test_feats[layer], labels[::-1], ref["class_means"], present), abs=1e-6
+        )
         assert 0.0 <= r["eval/probe_accuracy"] <= 1.0 and r["train/probe_accuracy"] == 1.0
 
     with pytest.raises(ValueError, match="one-shot iterator"):
@@ -346,8 +378,9 @@ def test_separation_gradients_finite_differences(tiny_net):
     model, variables, images, labels = tiny_net
     images, labels = images[:9].copy(), labels[:9]
     images[4] = 0.0  # an all-zero image: exactly zero features at every block
-    g2_images, g2_params = analysis.separation_gradients(model, variables, images, labels,
-                                                         "block1", NUM_CLASSES)
+    g2_images, g2_params = analysis.separation_gradients(
+        model, variables, images, labels, "block1", NUM_CLASSES
+    )
     fn = analysis.make_separation_grad_fn(model, "block1", NUM_CLASSES)  # cached: no recompile
     value, g_images, g_params = fn(variables, images, labels)
     np.testing.assert_array_equal(g2_images, g_images)
@@ -356,8 +389,11 @@ def test_separation_gradients_finite_differences(tiny_net):
     # Layers after the probed one do not move its features.
     assert all(float(jnp.max(jnp.abs(g))) == 0 for g in jax.tree.leaves(g_params["head"]))
     assert float(jnp.max(jnp.abs(g_params["block1"]["proj"]["kernel"]))) > 0
-    objective = jax.jit(lambda p, im: analysis.separation_objective(
-        model, {**variables, "params": p}, im, labels, "block1", NUM_CLASSES))
+    objective = jax.jit(
+        lambda p, im: analysis.separation_objective(
+            model, {**variables, "params": p}, im, labels, "block1", NUM_CLASSES
+        )
+    )
     params = variables["params"]
     np.testing.assert_allclose(float(objective(params, images)), float(value), rtol=1e-6)
     kernel = params["block0"]["proj"]["kernel"]
@@ -376,10 +412,14 @@ def test_separation_gradients_finite_differences(tiny_net):
     # relative. The derivatives are ~1e-2 or larger: 1e-2 relative + 5e-5 absolute.
     h = 0.03
     cases = [
-        (float(np.sum(np.asarray(g_images) * d_img)),
-         lambda s: objective(params, images + s * h * d_img)),
-        (float(np.sum(np.asarray(g_ker) * d_ker)),
-         lambda s: objective(with_kernel(kernel + s * h * d_ker), images)),
+        (
+            float(np.sum(np.asarray(g_images) * d_img)),
+            lambda s: objective(params, images + s * h * d_img),
+        ),
+        (
+            float(np.sum(np.asarray(g_ker) * d_ker)),
+            lambda s: objective(with_kernel(kernel + s * h * d_ker), images),
+        ),
     ]
     for analytic, f in cases:
         assert analytic > 1e-3  # the check is not vacuous
@@ -409,8 +449,9 @@ def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
     for step, delta in ((1, 0.5), (2, 1.0)):
         params = jax.tree.map(lambda a, d=delta: a + d, variables["params"])
         stats = jax.tree.map(lambda a, d=delta: a * (1 + d), variables["batch_stats"])
-        fields = dict(step=jnp.asarray(step), params=params, batch_stats=stats,
-                      opt_state=tx.init(params))
+        fields = dict(
+            step=jnp.asarray(step), params=params, batch_stats=stats, opt_state=tx.init(params)
+        )
         state = _State(**fields) if as_dataclass else fields
         mngr.save(step, args=ocp.args.StandardSave(state))
         saved[step] = {"params": params, "batch_stats": stats}

@@ -152,8 +152,16 @@ def test_two_plus_two_steps_equal_four(tmp_path):
     events = glob.glob(os.path.join(straight, "events.out.tfevents.*"))
     assert events
     tags = _event_tags(events)
-    for tag in ("train/loss", "train/top1", "eval/top1", "eval/top5", "perf/examples_per_sec",
-                "train/learning_rate", "train/grad_norm", "train/param_norm"):
+    for tag in (
+        "train/loss",
+        "train/top1",
+        "eval/top1",
+        "eval/top5",
+        "perf/examples_per_sec",
+        "train/learning_rate",
+        "train/grad_norm",
+        "train/param_norm",
+    ):
         assert tag in tags, (tag, sorted(tags))
 
 
@@ -179,8 +187,12 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
     "change,message",
     [
         (lambda c: c.optim.__setattr__("lr", 0.1), "lr"),
-        (lambda c: c.__setattr__("optim", ml_collections.ConfigDict(
-            {**c.optim.to_dict(), "learning_rate": "fast"})), "learning_rate='fast'.*float"),
+        (
+            lambda c: c.__setattr__(
+                "optim", ml_collections.ConfigDict({**c.optim.to_dict(), "learning_rate": "fast"})
+            ),
+            "learning_rate='fast'.*float",
+        ),
         (lambda c: c.optim.__setattr__("momentum", 1.5), "momentum=1.5"),
         (lambda c: c.data.__setattr__("global_batch_size", 12), "divisible by the device count 8"),
         (lambda c: c.data.__setattr__("name", "mnist"), "'mnist'.*valid choices"),
@@ -222,9 +234,11 @@ def _run_cli(script, args, mock=False, timeout=600):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "script,preset",
-    [("experiments/imagenet.py", "mod/linear_plus_rho,smoke"),
-     ("experiments/imagenet.py", "resnet18/thresh,smoke"),
-     ("experiments/cifar10.py", "cst/rho_psi,smoke")],
+    [
+        ("experiments/imagenet.py", "mod/linear_plus_rho,smoke"),
+        ("experiments/imagenet.py", "resnet18/thresh,smoke"),
+        ("experiments/cifar10.py", "cst/rho_psi,smoke"),
+    ],
 )
 def test_cli_end_to_end_on_mock_tfds(tmp_path, script, preset):
     config = script.replace("experiments/", "experiments/configs/")
@@ -246,8 +260,13 @@ def test_sigkill_mid_training_resumes_through_same_command(tmp_path):
         "--config.train.eval_every_steps=1000",
     ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    proc = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = tmp_path / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
