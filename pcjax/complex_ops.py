@@ -14,6 +14,8 @@ Dtype and optimiser policy (decided once for the whole library):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,27 +56,11 @@ def complex_projection(
     Returns:
         complex64[..., c_out].
 
-    The product is computed as real matmuls: one [Re x, Im x] @ [[Wr, Wi], [-Wi, Wr]] block
-    product for complex x (faster than a native complex64 matmul on CPU and TPU), two products for
-    real x (half the FLOPs of the promoted complex product).
+    Computed as one real matmul: [Re x, Im x] @ [[Wr, Wi], [-Wi, Wr]] for complex x (about 2x
+    faster than a native complex64 matmul on CPU), x @ [Wr, Wi] for real x (half the FLOPs of
+    the promoted complex product).
     """
-    if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != x.shape[-1]:
-        raise ValueError(
-            f"Projection kernel must be [c_in={x.shape[-1]}, c_out, 2], got {tuple(kernel.shape)}."
-        )
-    wr, wi = kernel[..., 0], kernel[..., 1]
-    c_out = kernel.shape[1]
-    cast = (lambda a: a.astype(compute_dtype)) if compute_dtype is not None else (lambda a: a)
-    mm = lambda a, b: jnp.matmul(cast(a), cast(b), preferred_element_type=jnp.float32)  # noqa: E731
-    if jnp.iscomplexobj(x):
-        xs = jnp.concatenate([x.real, x.imag], axis=-1)  # [..., 2 c_in]
-        w = jnp.concatenate(
-            [jnp.concatenate([wr, wi], 1), jnp.concatenate([-wi, wr], 1)], 0
-        )  # [2 c_in, 2 c_out]
-        y = mm(xs, w)
-        return jax.lax.complex(y[..., :c_out], y[..., c_out:])
-    y = mm(x, jnp.concatenate([wr, wi], 1))
-    return jax.lax.complex(y[..., :c_out], y[..., c_out:])
+    return project_segments([x], kernel, compute_dtype)
 
 
 def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
@@ -91,3 +77,46 @@ def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
     u, _, vh = jnp.linalg.svd(g, full_matrices=False)
     w = vh if c_out <= c_in else u  # [c_out, c_in]
     return to_pair(w.T).astype(jnp.float32)
+
+
+def pack_kernel(kernel: jax.Array, layout: Sequence[tuple[int, bool]]) -> jax.Array:
+    """Real matrix of W acting on packed segments, float32[sum(2n or n), 2 c_out].
+
+    `layout` lists (channels, is_complex) per segment. A complex segment x = a + ib meets
+    [[Wr, Wi], [-Wi, Wr]] (rows for a, then b); a real one meets [Wr, Wi]: 2 real
+    multiplications per complex weight instead of 4.
+    """
+    rows, start = [], 0
+    for n, is_complex in layout:
+        wr, wi = kernel[start : start + n, :, 0], kernel[start : start + n, :, 1]
+        rows.append(jnp.concatenate([wr, wi], axis=1))
+        if is_complex:
+            rows.append(jnp.concatenate([-wi, wr], axis=1))
+        start += n
+    return jnp.concatenate(rows, axis=0)
+
+
+def project_segments(
+    segments: Sequence[jax.Array], kernel: jax.Array, compute_dtype: jnp.dtype | None = None
+) -> jax.Array:
+    """y = [x_1, x_2, ...] W for channel segments x_s, each real or complex: one real matmul.
+
+    Equals `complex_projection(concatenate(segments), kernel)` up to float32 round-off, with
+    every real segment costing half of a complex one.
+    """
+    c_in = sum(s.shape[-1] for s in segments)
+    if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != c_in:
+        raise ValueError(
+            f"Projection kernel must be [c_in={c_in}, c_out, 2], got {tuple(kernel.shape)}."
+        )
+    layout = [(s.shape[-1], bool(jnp.iscomplexobj(s))) for s in segments]
+    planes = []
+    for s in segments:
+        planes += [s.real, s.imag] if jnp.iscomplexobj(s) else [s]
+    x = jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
+    w = pack_kernel(kernel, layout)
+    if compute_dtype is not None:
+        x, w = x.astype(compute_dtype), w.astype(compute_dtype)
+    y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    c_out = kernel.shape[1]
+    return jax.lax.complex(y[..., :c_out], y[..., c_out:])

@@ -19,7 +19,7 @@ from pcjax import filters, models, wavelets
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # Datasets of `pcjax.data.DATASETS`, repeated here so validating a config does not import
 # TensorFlow; a test checks the two lists agree.
-DATASET_NAMES = ("imagenet2012", "cifar10", "digits")
+DATASET_NAMES = ("imagenet2012", "cifar10", "digits", "digits_canvas")
 
 
 class ConfigError(ValueError):
@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = "cifar10/mod/rho_psi"  # a key of pcjax.models.MODELS
     cfg.model.widths = config_dict.placeholder(tuple)  # override the registry's block widths
-    cfg.model.wavelet_method = "fft"  # "fft" | "spatial" | "auto"
+    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "auto" (by size; same numbers)
     cfg.model.compute_dtype = "float32"  # dtype of the projection matmul operands
 
     cfg.data = ml_collections.ConfigDict()
@@ -201,7 +201,7 @@ def _check_geometry(config: ml_collections.ConfigDict) -> None:
 
 
 def _default_image_size(dataset: str) -> int:
-    return {"imagenet2012": 224, "cifar10": 32, "digits": 16}[dataset]
+    return {"imagenet2012": 224, "cifar10": 32, "digits": 16, "digits_canvas": 32}[dataset]
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:

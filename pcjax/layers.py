@@ -6,7 +6,7 @@ declare parameters/statistics and wire the functions together. Layout is NHWC.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -43,38 +43,66 @@ class BatchStandardize(nn.Module):
     affine: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, use_running_average: bool) -> jax.Array:
-        c = x.shape[-1]
-        is_complex = jnp.iscomplexobj(x)
-        if self.affine and is_complex:
+    def __call__(
+        self, x: jax.Array | Sequence[jax.Array], use_running_average: bool
+    ) -> jax.Array | list[jax.Array]:
+        """Standardises `x`, or a list of channel segments (real or complex) of one tensor.
+
+        Segments are standardised exactly as their concatenation would be; keeping real
+        segments real lets the projection that follows use half the multiplications on them.
+        """
+        segments = list(x) if isinstance(x, (list, tuple)) else [x]
+        sizes = [s.shape[-1] for s in segments]
+        c = sum(sizes)
+        any_complex = any(jnp.iscomplexobj(s) for s in segments)
+        if self.affine and any_complex:
             raise ValueError("Affine batch standardisation is defined for real inputs only.")
         # Complex running means are stored as (Re, Im) pairs so checkpoints stay real.
         ra_mean = self.variable(
-            "batch_stats", "mean", lambda: jnp.zeros((c, 2) if is_complex else (c,), jnp.float32)
+            "batch_stats", "mean", lambda: jnp.zeros((c, 2) if any_complex else (c,), jnp.float32)
         )
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        offsets = np.cumsum([0, *sizes])
+        means, variances = [], []
         if use_running_average:
-            mean = complex_ops.to_complex(ra_mean.value) if is_complex else ra_mean.value
-            var = ra_var.value
+            for seg, lo, hi in zip(segments, offsets[:-1], offsets[1:], strict=True):
+                m = ra_mean.value[lo:hi]
+                if any_complex:
+                    m = complex_ops.to_complex(m) if jnp.iscomplexobj(seg) else m[:, 0]
+                means.append(m)
+                variances.append(ra_var.value[lo:hi])
         else:
-            axes = tuple(range(x.ndim - 1))
-            mean = jnp.mean(x, axis=axes)
-            centred = x - mean
-            var = jnp.mean(
-                jnp.real(centred * jnp.conj(centred)) if is_complex else centred**2, axis=axes
-            )
+            axes = tuple(range(segments[0].ndim - 1))
+            for seg in segments:
+                m = jnp.mean(seg, axis=axes)
+                centred = seg - m
+                sq = jnp.real(centred * jnp.conj(centred)) if jnp.iscomplexobj(seg) else centred**2
+                means.append(m)
+                variances.append(jnp.mean(sq, axis=axes))
             if not self.is_initializing():
-                n = int(np.prod([x.shape[a] for a in axes]))
-                m = self.momentum
-                batch_mean = complex_ops.to_pair(mean) if is_complex else mean
-                ra_mean.value = (1 - m) * ra_mean.value + m * batch_mean
-                ra_var.value = (1 - m) * ra_var.value + m * var * (n / max(n - 1, 1))
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon)
+                n = int(np.prod([segments[0].shape[a] for a in axes]))
+                mom = self.momentum
+                if any_complex:
+                    batch_mean = jnp.concatenate(
+                        [complex_ops.to_pair(m.astype(jnp.complex64)) for m in means]
+                    )
+                else:
+                    batch_mean = jnp.concatenate(means)
+                batch_var = jnp.concatenate(variances)
+                ra_mean.value = (1 - mom) * ra_mean.value + mom * batch_mean
+                ra_var.value = (1 - mom) * ra_var.value + mom * batch_var * (n / max(n - 1, 1))
+        out = [
+            (seg - m) * jax.lax.rsqrt(v + self.epsilon)
+            for seg, m, v in zip(segments, means, variances, strict=True)
+        ]
         if self.affine:
-            y = y * self.param("scale", nn.initializers.ones, (c,)) + self.param(
-                "bias", nn.initializers.zeros, (c,)
-            )
-        return y
+            scale = self.param("scale", nn.initializers.ones, (c,))
+            bias = self.param("bias", nn.initializers.zeros, (c,))
+            out = [
+                y * scale[lo:hi] + bias[lo:hi]
+                for y, lo, hi in zip(out, offsets[:-1], offsets[1:], strict=True)
+            ]
+        return out if isinstance(x, (list, tuple)) else out[0]
 
 
 class ComplexProjection(nn.Module):
@@ -87,20 +115,30 @@ class ComplexProjection(nn.Module):
     compute_dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+        """`x`: one array or its channel segments (see `complex_ops.project_segments`)."""
+        segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
             "kernel",
             lambda key, shape: complex_ops.semi_unitary_init(key, *shape),
-            (x.shape[-1], self.features),
+            (sum(s.shape[-1] for s in segments), self.features),
         )
-        return complex_ops.complex_projection(x, kernel, self.compute_dtype)
+        return complex_ops.project_segments(segments, kernel, self.compute_dtype)
 
 
-def _concat_channels(parts: list[jax.Array]) -> jax.Array:
-    """Concatenates along channels, promoting to complex if any part is complex."""
-    if any(jnp.iscomplexobj(p) for p in parts):
-        parts = [p.astype(jnp.complex64) for p in parts]
-    return jnp.concatenate(parts, axis=-1)
+def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
+    """Channel segments in order, adjacent parts of the same kind (real/complex) concatenated.
+
+    The reference concatenates everything into one complex tensor; keeping real parts (moduli,
+    the low-pass of a real image) real changes no value but halves their projection cost.
+    """
+    merged: list[list[jax.Array]] = []
+    for p in parts:
+        if merged and jnp.iscomplexobj(merged[-1][0]) == jnp.iscomplexobj(p):
+            merged[-1].append(p)
+        else:
+            merged.append([p])
+    return [g[0] if len(g) == 1 else jnp.concatenate(g, axis=-1) for g in merged]
 
 
 class PhaseCollapseBlock(nn.Module):
@@ -121,7 +159,7 @@ class PhaseCollapseBlock(nn.Module):
     nonlinearity: str = "mod"
     nonlinearity_init: Mapping[str, float] | None = None
     learn_nonlinearity: bool = True
-    wavelet_method: str = "fft"
+    wavelet_method: str = "auto"
     compute_dtype: Any = None
 
     def _rho(self, z: jax.Array) -> jax.Array:
@@ -148,11 +186,12 @@ class PhaseCollapseBlock(nn.Module):
             x, self.num_angles, self.filter_mode, self.wavelet_method
         )
         if self.block_type == "rho_psi":
-            z = _concat_channels([phi, self._rho(psi)])
+            parts = [phi, self._rho(psi)]
         else:
-            w = _concat_channels([phi, psi]).astype(jnp.complex64)
-            z = _concat_channels([w, self._rho(w)])
-        z = BatchStandardize(name="std")(z, use_running_average=not train)
+            # rho sees the complex concatenation [phi ; psi], as in the reference.
+            w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=-1)
+            parts = [phi, psi, self._rho(w)]
+        z = BatchStandardize(name="std")(_merge_segments(parts), use_running_average=not train)
         z = ComplexProjection(self.features, self.compute_dtype, name="proj")(z)
         return nonlinear.normalize_pixels(z)
 

@@ -35,7 +35,7 @@ class PhaseCollapseNet(nn.Module):
     nonlinearity: str = "mod"
     nonlinearity_init: Mapping[str, float] | None = None
     learn_nonlinearity: bool = True
-    wavelet_method: str = "fft"
+    wavelet_method: str = "auto"
     compute_dtype: Any = None
 
     @nn.compact
@@ -166,6 +166,9 @@ CIFAR10_WIDTHS = (64, 128, 256, 512, 512, 512, 512, 512)
 IMAGENET_WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
 # Quick start: 16x16 digits, three factorised blocks (16 -> 16 -> 8 -> 8), L = 8.
 DIGITS_WIDTHS = (32, 64, 64)
+# Class-separation experiment (experiments/separation.py): digits on 32x32 canvases, four
+# factorised blocks (32 -> 32 -> 16 -> 16 -> 8), L = 8; narrow enough for 5 runs on 2 CPU cores.
+DIGITS_CANVAS_WIDTHS = (16, 32, 32, 64)
 TABLE2_NONLINEARITIES = ("mod", "cst", "ms", "mc", "tanh")
 RESNET_NONLINEARITIES = ("relu", "abs", "thresh", "tanh", "powfixed")
 
@@ -192,6 +195,13 @@ def _phase_collapse_specs() -> dict[str, ModelSpec]:
             num_angles=8,
             num_standard_blocks=0,
             shape=(16, 16, 1),
+        ),
+        "digits_canvas": dict(
+            widths=DIGITS_CANVAS_WIDTHS,
+            num_classes=10,
+            num_angles=8,
+            num_standard_blocks=0,
+            shape=(32, 32, 1),
         ),
     }
     specs = {}

@@ -84,3 +84,22 @@ def test_plain_sgd_on_real_pairs_solves_complex_least_squares():
         kernel, state = step(kernel, state)
     assert float(loss(kernel)) < 1e-6 * start
     np.testing.assert_allclose(complex_ops.to_complex(kernel), w_true, atol=1e-3)
+
+
+def test_segments_projection_equals_promoted_concatenation():
+    """Real segments (moduli) use half the multiplications; results equal the promoted product."""
+    rng = np.random.default_rng(5)
+    parts = [
+        rng.standard_normal((3, 4, 2)).astype(np.float32),
+        (rng.standard_normal((3, 4, 5)) + 1j * rng.standard_normal((3, 4, 5))).astype(
+            np.complex64
+        ),
+        rng.standard_normal((3, 4, 3)).astype(np.float32),
+    ]
+    w = rng.standard_normal((10, 6)) + 1j * rng.standard_normal((10, 6))
+    kernel = jnp.asarray(np.stack([w.real, w.imag], -1).astype(np.float32))
+    got = complex_ops.project_segments([jnp.asarray(p) for p in parts], kernel)
+    full = np.concatenate([p.astype(np.complex128) for p in parts], -1)
+    np.testing.assert_allclose(got, full @ w, rtol=1e-5, atol=1e-5)
+    packed = complex_ops.pack_kernel(kernel, [(2, False), (5, True), (3, False)])
+    assert packed.shape == (2 + 2 * 5 + 3, 12)

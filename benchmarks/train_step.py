@@ -1,0 +1,264 @@
+"""Throughput of the full jitted train step, the eval forward pass and the input pipeline.
+
+    python benchmarks/train_step.py                  # CPU table -> docs/benchmarks/train_step.md
+    python benchmarks/train_step.py --quick          # small batches, smoke run
+    python benchmarks/train_step.py --rows cifar_b   # one row
+
+Each row runs in its own subprocess so its peak RSS is its own. The train step is exactly
+`pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
+state) on random data; eval is `pcjax.train.eval_step`; the input pipeline is
+`pcjax.data.create_train_dataset` (CIFAR-10 rows: the digits stream at 32x32 stands in, since
+CIFAR-10 cannot be downloaded here; ImageNet rows: not measured without the dataset). FLOPs come
+from XLA's cost analysis of the compiled step (as executed), and "useful" FLOPs count each
+complex 1x1 projection as 8 real FLOPs per complex multiply-add (4 multiplications, 4 additions)
+on complex inputs and 4 on real ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# Reference PyTorch implementation, torch 2.13 CPU, 2 threads, same 2-core machine type.
+REFERENCE = {
+    "cifar_b": {"train": 5.7, "eval": 33.4, "rss_gib": 6.2},
+    "cifar_a": {"train": 8.0, "eval": 37.0, "rss_gib": 4.2},
+    "imagenet_b": {"train": 0.30, "eval": 1.46, "rss_gib": 12.6},
+}
+ROWS = {
+    "cifar_b": ("cifar10/mod/linear_plus_rho", 128),
+    "cifar_a": ("cifar10/mod/rho_psi", 128),
+    "imagenet_b": ("imagenet/mod/linear_plus_rho", 16),
+}
+
+
+def _matmul_peak_gflops() -> float:
+    """fp32 4096^2 matmul throughput: the roofline the table compares against."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(a).block_until_ready()
+    t = time.perf_counter()
+    n = 5
+    for _ in range(n):
+        f(a).block_until_ready()
+    return 2 * 4096**3 * n / (time.perf_counter() - t) / 1e9
+
+
+def _useful_projection_flops(model_name: str, image_shape: tuple[int, int, int]) -> float:
+    """Real FLOPs of the complex 1x1 projections per image, counted naively (see module doc)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pcjax import models
+
+    spec = models.get_model_spec(model_name)
+    model = spec.build()
+    x = jnp.zeros((1, *image_shape))
+
+    def run(x):
+        return model.init_with_output(
+            jax.random.key(0),
+            x,
+            train=False,
+            capture_intermediates=True,
+            mutable=["params", "batch_stats", "intermediates"],
+        )
+
+    _, variables = jax.eval_shape(run, x)
+    total = 0.0
+    inter = variables["intermediates"]
+    for b in range(len(spec.kwargs["widths"])):
+        kernel = variables["params"][f"block{b}"]["proj"]["kernel"]
+        u = inter[f"block{b}"]["__call__"][0]
+        pixels = u.shape[1] * u.shape[2]
+        c_in, c_out = kernel.shape[0], kernel.shape[1]
+        total += 8.0 * pixels * c_in * c_out
+    return total
+
+
+def measure(row: str, batch: int, steps: int) -> dict:
+    """Runs in a subprocess: times train, eval and input for one model row."""
+    import jax
+    import numpy as np
+
+    from pcjax import config_lib, models, sharding, train
+
+    model_name, _ = ROWS[row]
+    spec = models.get_model_spec(model_name)
+    model = spec.build()
+    cfg = config_lib.default_config()
+    tx = train.create_optimizer(cfg, steps_per_epoch=100)
+    lr_fn = train.learning_rate_schedule(cfg, 100)
+    mesh = sharding.make_mesh()
+    rep, bat = sharding.replicated(mesh), sharding.batch_sharded(mesh)
+    state = jax.jit(
+        functools.partial(train.create_train_state, model, tx, image_shape=spec.image_shape),
+        out_shardings=rep,
+    )(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch_np = {
+        "image": rng.standard_normal((batch, *spec.image_shape)).astype(np.float32),
+        "label": rng.integers(0, spec.kwargs["num_classes"], batch).astype(np.int32),
+    }
+    data = sharding.shard_batch(batch_np, mesh)
+
+    step = jax.jit(
+        functools.partial(train.train_step, learning_rate_fn=lr_fn),
+        in_shardings=(rep, bat),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    t = time.perf_counter()
+    compiled = step.lower(state, data).compile()
+    compile_s = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    train_flops = float(cost.get("flops", float("nan"))) / batch
+    state, m = compiled(state, data)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, m = compiled(state, data)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    train_s = float(np.median(times))
+
+    ev = jax.jit(train.eval_step, in_shardings=(rep, bat), out_shardings=rep)
+    eval_data = {
+        **data,
+        "mask": sharding.shard_batch({"mask": np.ones(batch, np.float32)}, mesh)["mask"],
+    }
+    ev_c = ev.lower(state, eval_data).compile()
+    ev_cost = ev_c.cost_analysis()
+    ev_cost = ev_cost[0] if isinstance(ev_cost, list) else ev_cost
+    eval_flops = float(ev_cost.get("flops", float("nan"))) / batch
+    jax.block_until_ready(ev_c(state, eval_data))
+    times = []
+    for _ in range(max(steps, 3)):
+        t = time.perf_counter()
+        jax.block_until_ready(ev_c(state, eval_data))
+        times.append(time.perf_counter() - t)
+    eval_s = float(np.median(times))
+
+    input_ips = float("nan")
+    if row.startswith("cifar"):
+        from pcjax import data as data_lib
+
+        it = data_lib.create_train_dataset(
+            "digits", global_batch_size=batch, seed=0, image_size=32
+        ).as_numpy_iterator()
+        next(it)
+        t = time.perf_counter()
+        n = 20
+        for _ in range(n):
+            next(it)
+        input_ips = n * batch / (time.perf_counter() - t)
+
+    return {
+        "row": row,
+        "model": model_name,
+        "batch": batch,
+        "compile_s": compile_s,
+        "train_ips": batch / train_s,
+        "eval_ips": batch / eval_s,
+        "input_ips": input_ips,
+        "train_gflop_per_img": train_flops / 1e9,
+        "eval_gflop_per_img": eval_flops / 1e9,
+        "useful_fwd_proj_gflop_per_img": _useful_projection_flops(model_name, spec.image_shape)
+        / 1e9,
+        "train_gflops": train_flops * batch / train_s / 1e9,
+        "eval_gflops": eval_flops * batch / eval_s / 1e9,
+        "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
+    }
+
+
+def _run_row(row: str, batch: int, steps: int) -> dict:
+    cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        raise RuntimeError(f"{row} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
+    result["rss_gib"] = max(peak, before) / 2**20
+    return result
+
+
+def _table(results: list[dict], peak: float) -> str:
+    lines = [
+        "| model | batch | train img/s (ref) | eval img/s (ref) | input img/s | train speed-up "
+        "| eval speed-up | peak RSS GiB (ref) | train GFLOP/img | train GFLOP/s | eval GFLOP/img "
+        "| eval GFLOP/s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ref = REFERENCE[r["row"]]
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['train_ips']:.2f} ({ref['train']}) | "
+            f"{r['eval_ips']:.2f} ({ref['eval']}) | {r['input_ips']:.0f} | "
+            f"{r['train_ips'] / ref['train']:.1f}x | {r['eval_ips'] / ref['eval']:.1f}x | "
+            f"{r['rss_gib']:.1f} ({ref['rss_gib']}) | {r['train_gflop_per_img']:.2f} | "
+            f"{r['train_gflops']:.0f} | {r['eval_gflop_per_img']:.2f} | {r['eval_gflops']:.0f} | "
+            f"{r['compile_s']:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Measured fp32 4096x4096 matmul peak on this device: {peak:.0f} GFLOP/s. "
+        "GFLOP/img are XLA's cost-analysis counts of the compiled programs (as executed)."
+    )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--quick", action="store_true", help="batch 8, 2 steps")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "train_step.md"))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        print(json.dumps(measure(args._child, args.batch, args.steps)))
+        return
+    import jax
+
+    results = []
+    for row in args.rows:
+        batch = 8 if args.quick else (args.batch or ROWS[row][1])
+        results.append(_run_row(row, batch, 2 if args.quick else args.steps))
+        print(json.dumps(results[-1]), flush=True)
+    peak = _matmul_peak_gflops()
+    cpu = platform.processor() or platform.machine()
+    header = (
+        f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`  \n"
+        f"Date: {datetime.date.today()}; jax {jax.__version__}; device "
+        f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).\n"
+        "Reference figures in parentheses: the authors' PyTorch code, torch 2.13 CPU, "
+        "2 threads, same machine type.\n"
+    )
+    table = header + "\n" + _table(results, peak) + "\n"
+    print(table)
+    if not args.quick:
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("# Train-step benchmark\n\n" + table)
+
+
+if __name__ == "__main__":
+    main()
