@@ -41,6 +41,10 @@ class BatchStandardize(nn.Module):
     momentum: float = 0.1
     epsilon: float = 1e-5
     affine: bool = False
+    # Return the per-segment (mean, 1 / std) instead of the standardised tensor, so that the
+    # projection that follows can fold them into its (small) weights: one pass fewer over the
+    # largest activations of the block.
+    return_statistics: bool = False
 
     @nn.compact
     def __call__(
@@ -91,10 +95,12 @@ class BatchStandardize(nn.Module):
                 batch_var = jnp.concatenate(variances)
                 ra_mean.value = (1 - mom) * ra_mean.value + mom * batch_mean
                 ra_var.value = (1 - mom) * ra_var.value + mom * batch_var * (n / max(n - 1, 1))
-        out = [
-            (seg - m) * jax.lax.rsqrt(v + self.epsilon)
-            for seg, m, v in zip(segments, means, variances, strict=True)
-        ]
+        inv_stds = [jax.lax.rsqrt(v + self.epsilon) for v in variances]
+        if self.return_statistics:
+            if self.affine:
+                raise ValueError("return_statistics is for non-affine standardisation.")
+            return list(zip(means, inv_stds, strict=True))
+        out = [(seg - m) * a for seg, m, a in zip(segments, means, inv_stds, strict=True)]
         if self.affine:
             scale = self.param("scale", nn.initializers.ones, (c,))
             bias = self.param("bias", nn.initializers.zeros, (c,))
@@ -115,15 +121,30 @@ class ComplexProjection(nn.Module):
     compute_dtype: Any = None
 
     @nn.compact
-    def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
-        """`x`: one array or its channel segments (see `complex_ops.project_segments`)."""
+    def __call__(
+        self,
+        x: jax.Array | Sequence[jax.Array],
+        standardize: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+    ) -> jax.Array:
+        """Projects `x` (one array or its channel segments, see `complex_ops.project_segments`).
+
+        With `standardize` = per-segment (mean, 1/std), computes ((x - mean) / std) W as
+        x (W / std) - (mean / std) W: the standardisation is folded into the weights.
+        """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
             "kernel",
             lambda key, shape: complex_ops.semi_unitary_init(key, *shape),
             (sum(s.shape[-1] for s in segments), self.features),
         )
-        return complex_ops.project_segments(segments, kernel, self.compute_dtype)
+        if standardize is None:
+            return complex_ops.project_segments(segments, kernel, self.compute_dtype)
+        scale = jnp.concatenate([a for _, a in standardize])  # real [c_in]
+        shift = jnp.concatenate([(m * a).astype(jnp.complex64) for m, a in standardize])
+        y = complex_ops.project_segments(
+            segments, kernel * scale[:, None, None], self.compute_dtype
+        )
+        return y - shift @ complex_ops.to_complex(kernel)
 
 
 def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
@@ -191,8 +212,11 @@ class PhaseCollapseBlock(nn.Module):
             # rho sees the complex concatenation [phi ; psi], as in the reference.
             w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=-1)
             parts = [phi, psi, self._rho(w)]
-        z = BatchStandardize(name="std")(_merge_segments(parts), use_running_average=not train)
-        z = ComplexProjection(self.features, self.compute_dtype, name="proj")(z)
+        segments = _merge_segments(parts)
+        stats = BatchStandardize(name="std", return_statistics=True)(
+            segments, use_running_average=not train
+        )
+        z = ComplexProjection(self.features, self.compute_dtype, name="proj")(segments, stats)
         return nonlinear.normalize_pixels(z)
 
 
