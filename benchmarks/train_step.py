@@ -22,9 +22,9 @@ import functools
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,14 +188,18 @@ def measure(row: str, batch: int, steps: int) -> dict:
 
 
 def _run_row(row: str, batch: int, steps: int) -> dict:
+    """Measures one row in a fresh subprocess; its own peak RSS comes from wait4."""
     cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode != 0:
-        raise RuntimeError(f"{row} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB on Linux
-    result["rss_gib"] = max(peak, before) / 2**20
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{row} failed:\n{err.read()[-3000:]}")
+        result = json.loads(out.read().strip().splitlines()[-1])
+    result["rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     return result
 
 
