@@ -4,6 +4,7 @@
         --workdir=workdirs/cifar-cst-b
 """
 
+import json
 import os
 import sys
 
@@ -32,7 +33,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    result = train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    print(f"final eval: {json.dumps(result)}")
 
 
 if __name__ == "__main__":

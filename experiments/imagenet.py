@@ -6,6 +6,7 @@
 ImageNet must be prepared for TFDS beforehand (manual download). See the config for presets.
 """
 
+import json
 import os
 import sys
 
@@ -34,7 +35,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    result = train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    print(f"final eval: {json.dumps(result)}")
 
 
 if __name__ == "__main__":

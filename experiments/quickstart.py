@@ -5,6 +5,7 @@
 Rerunning the same command resumes from the last checkpoint in the workdir.
 """
 
+import json
 import os
 import sys
 
@@ -33,7 +34,8 @@ _DISTRIBUTED = flags.DEFINE_bool(
 def main(argv):
     del argv
     logging.set_verbosity(logging.INFO)
-    train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    result = train.run(_CONFIG.value, _WORKDIR.value, _DISTRIBUTED.value)
+    print(f"final eval: {json.dumps(result)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as std_logging
 import os
 import signal
 import time
@@ -375,6 +376,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return eval_metrics
 
 
+class _QuietOrbax(std_logging.Filter):
+    """Drops Orbax's INFO chatter (several lines per save); its warnings still show."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
 def run(
     config: ml_collections.ConfigDict, workdir: str, distributed: bool = False
 ) -> dict[str, float]:
@@ -384,6 +392,8 @@ def run(
     TPU/GPU job (it discovers the coordinator from the cluster environment); every process then
     runs this same function.
     """
+    # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
+    logging.get_absl_handler().addFilter(_QuietOrbax())
     if distributed:
         jax.distributed.initialize()
     logging.info(
