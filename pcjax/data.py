@@ -69,6 +69,11 @@ class DatasetSpec:
 
 DIGITS_NUM_EXAMPLES = 1797
 DIGITS_NUM_TEST_EXAMPLES = 450  # ceil(0.25 * 1797): `load_digits_split` defaults.
+# "digits_canvas": each 8x8 digit, upsampled to DIGITS_CANVAS_DIGIT_SIZE, pasted at a random
+# (fixed per example) position of a larger blank canvas: spatial variability for the
+# class-separation experiment (experiments/separation.py).
+DIGITS_CANVAS_DIGIT_SIZE = 16
+DIGITS_CANVAS_SIZE = 32
 
 DATASETS: dict[str, DatasetSpec] = {
     "imagenet2012": DatasetSpec(
@@ -104,7 +109,20 @@ DATASETS: dict[str, DatasetSpec] = {
         shuffle_buffer=DIGITS_NUM_EXAMPLES,
         cache=False,
     ),
+    "digits_canvas": DatasetSpec(
+        image_size=DIGITS_CANVAS_SIZE,
+        num_channels=1,
+        num_classes=10,
+        train_split="train",
+        eval_split="test",
+        num_train_examples=DIGITS_NUM_EXAMPLES - DIGITS_NUM_TEST_EXAMPLES,
+        num_eval_examples=DIGITS_NUM_TEST_EXAMPLES,
+        shuffle_buffer=DIGITS_NUM_EXAMPLES,
+        cache=False,
+    ),
 }
+
+_SKLEARN_DATASETS = ("digits", "digits_canvas")  # in memory, from scikit-learn; no TFDS
 
 Example = dict[str, tf.Tensor]
 
@@ -129,6 +147,8 @@ def _resolve_image_size(name: str, image_size: int | None) -> int:
         raise ValueError(f"cifar10 images are 32x32; image_size={image_size} is not supported.")
     if name == "digits":
         _check_digits_image_size(image_size)
+    if name == "digits_canvas":
+        _check_canvas_size(image_size)
     return image_size
 
 
@@ -268,8 +288,8 @@ def num_train_examples(name: str, data_dir: str | None = None) -> int:
         ValueError: for an unknown dataset name.
     """
     spec = _spec(name)
-    if name == "digits":
-        return len(load_digits_split()["train"][1])
+    if name in _SKLEARN_DATASETS:
+        return len(_sklearn_split(name, spec.image_size)[spec.train_split][1])
     return _tfds_split_size(
         tfds.builder(name, data_dir=data_dir), spec.train_split, spec.num_train_examples
     )
@@ -566,10 +586,110 @@ def digits_background_value(
     return float((0.0 - mean) / std)
 
 
+def _check_canvas_size(canvas_size: int) -> None:
+    if (
+        not isinstance(canvas_size, int)
+        or isinstance(canvas_size, bool)
+        or canvas_size < DIGITS_CANVAS_DIGIT_SIZE
+    ):
+        raise ValueError(
+            f"digits_canvas image_size must be an int >= {DIGITS_CANVAS_DIGIT_SIZE} (the "
+            f"pasted digit's size), got {canvas_size!r}."
+        )
+
+
+def canvas_offsets(num_examples: int, canvas_size: int, seed: int = 0) -> np.ndarray:
+    """Returns the fixed top-left corner of each digit on its canvas, int64[num_examples, 2].
+
+    Offsets (row, column) are uniform over every position that keeps the whole
+    `DIGITS_CANVAS_DIGIT_SIZE` digit inside the canvas, drawn from `np.random.default_rng(seed)`
+    in the order of scikit-learn's examples (so an example keeps its position whatever split
+    it lands in).
+
+    Args:
+        num_examples: number of digits.
+        canvas_size: canvas side, >= DIGITS_CANVAS_DIGIT_SIZE.
+        seed: placement seed.
+    """
+    _check_canvas_size(canvas_size)
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, canvas_size - DIGITS_CANVAS_DIGIT_SIZE + 1, size=(num_examples, 2))
+
+
+@functools.lru_cache(maxsize=8)
+def _digits_canvas_arrays(
+    canvas_size: int, test_fraction: float, seed: int
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float, float]:
+    """Builds the digits_canvas splits once per argument tuple; returns (splits, mean, std)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float64) / 16.0  # [N, 8, 8] in [0, 1]
+    labels = digits.target.astype(np.int32)
+    size = DIGITS_CANVAS_DIGIT_SIZE
+    resize = _bilinear_matrix(8, size)
+    images = np.einsum("ab,nbc,dc->nad", resize, images, resize)
+    offsets = canvas_offsets(len(labels), canvas_size, seed)
+    canvas = np.zeros((len(labels), canvas_size, canvas_size))
+    for i, (row, col) in enumerate(offsets):
+        canvas[i, row : row + size, col : col + size] = images[i]
+    # Same stratified split as "digits" (same examples in train and test).
+    train_idx, test_idx = train_test_split(
+        np.arange(len(labels)), test_size=test_fraction, stratify=labels, random_state=seed
+    )
+    mean = float(canvas[train_idx].mean())
+    std = float(canvas[train_idx].std())
+    canvas = ((canvas - mean) / std).astype(np.float32)[..., None]
+    splits = {
+        "train": (canvas[train_idx], labels[train_idx]),
+        "test": (canvas[test_idx], labels[test_idx]),
+    }
+    return splits, mean, std
+
+
+def load_digits_canvas_split(
+    canvas_size: int = DIGITS_CANVAS_SIZE, test_fraction: float = 0.25, seed: int = 0
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Returns scikit-learn's digits, each pasted at a random fixed position of a blank canvas.
+
+    Each 8x8 digit (pixels 0..16 scaled to [0, 1]) is bilinearly upsampled to
+    `DIGITS_CANVAS_DIGIT_SIZE` (16x16, half-pixel centres, as `load_digits_split`) and pasted
+    on a `canvas_size` x `canvas_size` canvas of zeros at the offset `canvas_offsets(...)[i]`;
+    the canvases are then standardised with the scalar mean and standard deviation of the
+    training pixels. The train/test split is the stratified split of `load_digits_split` with
+    the same `test_fraction` and `seed`. Translations are the within-class variability that
+    the class-separation experiment probes; the training pipeline adds no augmentation.
+
+    Args:
+        canvas_size: side of the output images, an int >= DIGITS_CANVAS_DIGIT_SIZE.
+        test_fraction: fraction of the examples in the test split, in (0, 1).
+        seed: split and placement seed.
+
+    Returns:
+        {"train": (images, labels), "test": (images, labels)} with images
+        float32[n, canvas_size, canvas_size, 1] and labels int32[n]; fresh copies.
+
+    Raises:
+        ValueError: if `canvas_size` or `test_fraction` is out of range.
+    """
+    _check_canvas_size(canvas_size)
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}.")
+    splits, _, _ = _digits_canvas_arrays(canvas_size, float(test_fraction), seed)
+    return {name: (images.copy(), labels.copy()) for name, (images, labels) in splits.items()}
+
+
+def _sklearn_split(name: str, image_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if name == "digits_canvas":
+        return load_digits_canvas_split(image_size)
+    return load_digits_split(image_size)
+
+
 def _digits_dataset(
-    split: str, image_size: int, process_index: int, process_count: int
+    split: str, image_size: int, process_index: int, process_count: int, name: str = "digits"
 ) -> tf.data.Dataset:
-    images, labels = load_digits_split(image_size)[split]
+    images, labels = _sklearn_split(name, image_size)[split]
     ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
     return ds.shard(process_count, process_index)
 
@@ -591,6 +711,12 @@ def _train_preprocess_fn(name: str, image_size: int) -> Callable[[Example, tf.Te
 
     elif name == "cifar10":
         image_fn = cifar_train_preprocess
+    elif name == "digits_canvas":
+
+        def image_fn(image, seed):
+            del seed  # no augmentation: the fixed placements are the variability studied
+            return image
+
     else:
         padding = image_size // 8
         fill_value = digits_background_value(image_size)
@@ -674,8 +800,8 @@ def create_train_dataset(
     process_seed = _process_seed(seed, process_index)
     _hide_accelerators_from_tf()
 
-    if name == "digits":
-        ds = _digits_dataset(spec.train_split, size, process_index, process_count)
+    if name in _SKLEARN_DATASETS:
+        ds = _digits_dataset(spec.train_split, size, process_index, process_count, name)
     else:
         split = tfds.split_for_jax_process(
             spec.train_split,
@@ -765,9 +891,9 @@ def create_eval_dataset(
     batch_size = per_process_batch_size(global_batch_size, process_count)
     _hide_accelerators_from_tf()
 
-    if name == "digits":
-        num_examples = len(load_digits_split(size)[spec.eval_split][1])
-        ds = _digits_dataset(spec.eval_split, size, process_index, process_count)
+    if name in _SKLEARN_DATASETS:
+        num_examples = len(_sklearn_split(name, size)[spec.eval_split][1])
+        ds = _digits_dataset(spec.eval_split, size, process_index, process_count, name)
     else:
         builder = tfds.builder(name, data_dir=data_dir)
         num_examples = _tfds_split_size(builder, spec.eval_split, spec.num_eval_examples)
