@@ -28,9 +28,9 @@ from pcjax import filters
 Method = Literal["fft", "spatial", "auto"]
 METHODS = ("fft", "spatial", "auto")
 # "auto" uses the dense spatial operator up to this many input pixels per image (h * w); above
-# it the operator's cost grows as (h w)^2. benchmarks/wavelets.py on a 2-core CPU: spatial wins
-# by 1.6-15x up to 8x8, FFTs by 2.4-3.3x from 28x28, and 14x14-16x16 is a tie.
-SPATIAL_MAX_PIXELS = 8 * 8
+# it the operator's cost grows as (h w)^2. benchmarks/wavelets.py on an idle 2-core CPU: spatial
+# wins by 1.0-18x up to 16x16 (256 pixels), FFTs by 1.7-2.3x from 28x28 (784 pixels).
+SPATIAL_MAX_PIXELS = 16 * 16
 
 
 def padded_size(m: int) -> int:
