@@ -28,9 +28,11 @@ from pcjax import filters
 Method = Literal["fft", "spatial", "auto"]
 METHODS = ("fft", "spatial", "auto")
 # "auto" uses the dense spatial operator up to this many input pixels per image (h * w); above
-# it the operator's cost grows as (h w)^2. benchmarks/wavelets.py on an idle 2-core CPU: spatial
-# wins by 1.0-18x up to 16x16 (256 pixels), FFTs by 1.7-2.3x from 28x28 (784 pixels).
-SPATIAL_MAX_PIXELS = 16 * 16
+# it the operator's cost grows as (h w)^2. benchmarks/wavelets.py (forward only, idle 2-core
+# CPU): spatial wins by 2.6-18x up to 8x8, FFTs by 1.7-2.3x from 28x28, 14x14-16x16 is close.
+# With the backward pass the 16x16 blocks favour FFTs: benchmarks/train_step.py measured the
+# CIFAR variant-B train step at 12.5 img/s with this threshold and 7.4 img/s with 16 * 16.
+SPATIAL_MAX_PIXELS = 8 * 8
 
 
 def padded_size(m: int) -> int:
