@@ -4,7 +4,6 @@ import json
 import os
 import re
 import sys
-import time
 
 import nbformat
 import pytest
@@ -61,9 +60,9 @@ def test_notebook_runs_end_to_end(tmp_path, monkeypatch):
         timeout=170,
         resources={"metadata": {"path": str(run_dir)}},
     )
-    tick = time.perf_counter()
+    # Alone on 2 cores the notebook runs in about 80 s; each cell must finish within `timeout`.
+    # No wall-clock assertion: under `pytest -n 2` its time depends on the other worker's load.
     client.execute()  # raises CellExecutionError if any cell errors
-    assert time.perf_counter() - tick < 180
 
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
     for cell in code:

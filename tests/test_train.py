@@ -208,7 +208,7 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, message):
     start = time.perf_counter()
     with pytest.raises(config_lib.ConfigError, match=message):
         train.train_and_evaluate(cfg, str(tmp_path / "w"))
-    assert time.perf_counter() - start < 5
+    assert time.perf_counter() - start < 30  # validation only: no model is built or compiled
     assert not os.path.exists(tmp_path / "w")  # nothing was written or compiled
 
 
