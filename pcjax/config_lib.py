@@ -64,6 +64,26 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def parse_preset(preset: str, presets: tuple[str, ...]) -> tuple[str, bool]:
+    """Splits "<name>[,smoke]" into (name, smoke); ValueError lists the valid presets."""
+    name, _, modifier = preset.partition(",")
+    if name not in presets or modifier not in ("", "smoke"):
+        raise ValueError(
+            f"Unknown preset {preset!r}; valid choices: {presets} "
+            "(optionally followed by ',smoke')."
+        )
+    return name, modifier == "smoke"
+
+
+def set_smoke(cfg: ml_collections.ConfigDict, global_batch_size: int) -> None:
+    """Shrinks a run to 2 train steps and 1 eval step, logging and saving at every chance."""
+    cfg.data.global_batch_size = global_batch_size
+    cfg.train.num_steps = 2
+    cfg.train.log_every_steps = 1
+    cfg.train.eval_steps = 1
+    cfg.train.checkpoint_every_steps = 2
+
+
 def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
     out = {}
     for key, value in cfg.items():

@@ -23,12 +23,7 @@ PRESETS = tuple(f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in 
 
 def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     """Presets: see `PRESETS`; a ",smoke" suffix shrinks the run to 2 steps."""
-    name, _, modifier = preset.partition(",")
-    if name not in PRESETS or modifier not in ("", "smoke"):
-        raise ValueError(
-            f"Unknown preset {preset!r}; valid choices: {PRESETS} "
-            "(optionally followed by ',smoke')."
-        )
+    name, smoke = config_lib.parse_preset(preset, PRESETS)
     cfg = config_lib.default_config()
     cfg.model.name = f"cifar10/{name}"
     cfg.data.name = "cifar10"
@@ -37,11 +32,7 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     cfg.optim.num_epochs = 300
     cfg.optim.lr_decay_epochs = 70
     cfg.train.checkpoint_every_steps = 2000
-    if modifier == "smoke":
+    if smoke:
         cfg.model.widths = (8, 8, 8, 8)
-        cfg.data.global_batch_size = 16
-        cfg.train.num_steps = 2
-        cfg.train.log_every_steps = 1
-        cfg.train.eval_steps = 1
-        cfg.train.checkpoint_every_steps = 2
+        config_lib.set_smoke(cfg, global_batch_size=16)
     return cfg

@@ -32,12 +32,7 @@ PRESETS = PHASE_COLLAPSE_PRESETS + RESNET_PRESETS
 
 def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     """Presets: see `PRESETS`; a ",smoke" suffix shrinks the run to 2 steps."""
-    name, _, modifier = preset.partition(",")
-    if name not in PRESETS or modifier not in ("", "smoke"):
-        raise ValueError(
-            f"Unknown preset {preset!r}; valid choices: {PRESETS} "
-            "(optionally followed by ',smoke')."
-        )
+    name, smoke = config_lib.parse_preset(preset, PRESETS)
     cfg = config_lib.default_config()
     cfg.data.name = "imagenet2012"
     if name in RESNET_PRESETS:
@@ -54,13 +49,9 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
         cfg.optim.lr_decay_epochs = 45
     cfg.train.log_every_steps = 100
     cfg.train.checkpoint_every_steps = 5000
-    if modifier == "smoke":
+    if smoke:
         if name not in RESNET_PRESETS:
             cfg.model.widths = (8, 8, 8, 8, 8)
         cfg.data.image_size = 64
-        cfg.data.global_batch_size = 8
-        cfg.train.num_steps = 2
-        cfg.train.log_every_steps = 1
-        cfg.train.eval_steps = 1
-        cfg.train.checkpoint_every_steps = 2
+        config_lib.set_smoke(cfg, global_batch_size=8)
     return cfg
