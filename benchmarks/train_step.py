@@ -8,7 +8,8 @@ Each row runs in its own subprocess so its peak RSS is its own. The train step i
 `pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
 state) on random data; eval is `pcjax.train.eval_step`; the input pipeline is
 `pcjax.data.create_train_dataset` (CIFAR-10 rows: the digits stream at 32x32 stands in, since
-CIFAR-10 cannot be downloaded here; ImageNet rows: not measured without the dataset). FLOPs come
+CIFAR-10 cannot be downloaded here; ImageNet rows: synthetic 500x375 JPEGs through the same
+preprocessing function, see `_imagenet_input_ips`). FLOPs come
 from XLA's cost analysis of the compiled step (as executed), and "useful" FLOPs count each
 complex 1x1 projection as 8 real FLOPs per complex multiply-add (4 multiplications, 4 additions)
 on complex inputs and 4 on real ones.
@@ -90,6 +91,36 @@ def _useful_projection_flops(model_name: str, image_shape: tuple[int, int, int])
     return total
 
 
+def _imagenet_input_ips(batch: int, num_images: int = 256) -> float:
+    """Host preprocessing rate of the ImageNet train pipeline on synthetic 500x375 JPEGs.
+
+    The real dataset cannot be downloaded here; the JPEGs go through the same per-example
+    function (`data.imagenet_train_preprocess`: crop-window decode, resize, flip, normalise),
+    parallel map, batching and prefetch as the TFDS pipeline.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from pcjax import data as data_lib
+
+    rng = np.random.default_rng(0)
+    jpegs = [
+        tf.io.encode_jpeg(rng.integers(0, 256, (375, 500, 3), np.uint8)).numpy() for _ in range(32)
+    ]
+    ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
+    ds = ds.map(
+        lambda i, j: data_lib.imagenet_train_preprocess(j, tf.stack([i, i + 1])),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    it = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
+    next(it)
+    n = num_images // batch
+    t = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    return n * batch / (time.perf_counter() - t)
+
+
 def measure(row: str, batch: int, steps: int) -> dict:
     """Runs in a subprocess: times train, eval and input for one model row."""
     import jax
@@ -156,6 +187,8 @@ def measure(row: str, batch: int, steps: int) -> dict:
     eval_s = float(np.median(times))
 
     input_ips = float("nan")
+    if row.startswith("imagenet"):
+        input_ips = _imagenet_input_ips(batch)
     if row.startswith("cifar"):
         from pcjax import data as data_lib
 
