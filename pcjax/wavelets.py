@@ -82,15 +82,13 @@ def _zero_nonfinite_bwd(_, g):
 zero_nonfinite_grad.defvjp(_zero_nonfinite_fwd, _zero_nonfinite_bwd)
 
 
-def _split_outputs(
-    y: jax.Array, num_wavelets: int, real_input: bool
-) -> tuple[jax.Array, jax.Array]:
-    """[b, h, w, c, K + 1] -> phi [b, h, w, c], psi [b, h, w, c * K] (channel c * K + k)."""
-    b, h, w, c, _ = y.shape
-    phi = y[..., num_wavelets]
+def _split_outputs(y: jax.Array, real_input: bool) -> tuple[jax.Array, jax.Array]:
+    """[b, h, w, K + 1, c] -> phi [b, h, w, c], psi [b, h, w, c * K] (channel c * K + k)."""
+    b, h, w, k1, c = y.shape
+    phi = y[..., 0, :]
     if real_input:
         phi = phi.real  # the low-pass of a real image is real (its filter is symmetric)
-    psi = y[..., :num_wavelets].reshape(b, h, w, c * num_wavelets)
+    psi = jnp.swapaxes(y[..., 1:, :], -1, -2).reshape(b, h, w, c * (k1 - 1))
     return phi, psi
 
 
@@ -102,17 +100,18 @@ def _check_input(x: jax.Array) -> None:
 
 
 def _fft_transform(x: jax.Array, bank: filters.FilterBank) -> jax.Array:
-    """Fourier-domain path; returns complex64[b, h', w', c, K + 1]."""
+    """Fourier-domain path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
     _, h, w, _ = x.shape
     xp = jnp.pad(x, ((0, 0), pad_widths(h), pad_widths(w), (0, 0)), mode="reflect")
     xf = jnp.fft.fft2(xp.astype(jnp.complex64), axes=(1, 2))
-    # [P, Q, K + 1]: wavelets then low-pass, broadcast over batch and channels.
-    hat = jnp.asarray(np.concatenate([bank.psi_hat, bank.phi_hat[None]], 0).transpose(1, 2, 0))
-    yf = xf[..., None] * hat[None, :, :, None, :]
+    # [P, Q, K + 1]: low-pass then wavelets, broadcast over batch and channels.
+    hat = jnp.asarray(np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).transpose(1, 2, 0))
+    yf = xf[:, :, :, None, :] * hat[None, :, :, :, None]
     if bank.subsample:
-        b, p, q, c, k = yf.shape
+        p, q = yf.shape[1] // 2, yf.shape[2] // 2
         # Folding the spectrum = decimating y[2m, 2n] in space; 1/4 from the inverse DFT size.
-        yf = yf.reshape(b, 2, p // 2, 2, q // 2, c, k).mean(axis=(1, 3))
+        # Four slices added element-wise (a complex reduction would not fuse as well).
+        yf = 0.25 * ((yf[:, :p, :q] + yf[:, p:, :q]) + (yf[:, :p, q:] + yf[:, p:, q:]))
         y = jnp.fft.ifft2(yf, axes=(1, 2))
         return y[:, 1:-1, 1:-1]
     y = jnp.fft.ifft2(yf, axes=(1, 2))
@@ -123,6 +122,9 @@ def _fft_transform(x: jax.Array, bank: filters.FilterBank) -> jax.Array:
 def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
     """Dense matrix of the whole transform, complex64[h * w, h' * w' * (K + 1)].
 
+    Output columns are ordered (h', w', k) with k = 0 the low-pass and k = 1 + theta the
+    wavelets, so `x @ M` lands directly in the angle-major layout of `wavelet_coefficients`.
+
     Built in float64 by pushing the canonical basis through a NumPy transcription of the
     pipeline (pad, FFT, filter, fold, inverse FFT, crop), so `x @ M` equals the "fft" method
     up to float32 round-off.
@@ -130,7 +132,7 @@ def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
     bank = bank_for_input(h, w, num_angles, mode)
     eye = np.eye(h * w).reshape(h * w, h, w)
     xp = np.pad(eye, ((0, 0), pad_widths(h), pad_widths(w)), mode="reflect")
-    hat = np.concatenate([bank.psi_hat, bank.phi_hat[None]], 0).astype(np.float64)
+    hat = np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).astype(np.float64)
     yf = np.fft.fft2(xp)[:, None] * hat[None]  # [hw, K + 1, P, Q]
     if bank.subsample:
         n, k, p, q = yf.shape
@@ -145,25 +147,27 @@ def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
 
 
 def _spatial_transform(x: jax.Array, bank: filters.FilterBank, num_angles: int, mode: str):
-    """Dense spatial path; returns complex64[b, h', w', c, K + 1]."""
+    """Dense spatial path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
     b, h, w, c = x.shape
-    m = jnp.asarray(spatial_operator(h, w, num_angles, mode))
+    m = spatial_operator(h, w, num_angles, mode)
+    n_out = m.shape[1]
     ho, wo = output_size(h, bank.subsample), output_size(w, bank.subsample)
+    # [Re M, Im M] side by side: one real matmul per real input plane, so a complex input costs
+    # two real matmuls of twice the width (faster than a native complex64 matmul on CPU/TPU).
+    mri = jnp.asarray(np.concatenate([m.real, m.imag], axis=1))
     xt = x.reshape(b, h * w, c)
+
+    def apply(plane):
+        y = jnp.einsum("bic,io->boc", plane.astype(jnp.float32), mri)
+        return y[:, :n_out], y[:, n_out:]  # plane @ Re M, plane @ Im M
+
     if jnp.iscomplexobj(x):
-        # Real-block form: four real matmuls instead of one native complex64 matmul (faster on
-        # CPU/TPU, same result up to round-off).
-        mr, mi = m.real, m.imag
-        xr, xi = xt.real, xt.imag
-        yr = jnp.einsum("bic,io->boc", xr, mr) - jnp.einsum("bic,io->boc", xi, mi)
-        yi = jnp.einsum("bic,io->boc", xr, mi) + jnp.einsum("bic,io->boc", xi, mr)
-        y = jax.lax.complex(yr, yi)
+        rr, ri = apply(xt.real)
+        ir, ii = apply(xt.imag)
+        y = jax.lax.complex(rr - ii, ri + ir)
     else:
-        xt = xt.astype(jnp.float32)
-        y = jax.lax.complex(
-            jnp.einsum("bic,io->boc", xt, m.real), jnp.einsum("bic,io->boc", xt, m.imag)
-        )
-    return y.reshape(b, ho, wo, -1, c).transpose(0, 1, 2, 4, 3)
+        y = jax.lax.complex(*apply(xt))
+    return y.reshape(b, ho, wo, -1, c)
 
 
 def choose_method(h: int, w: int, method: Method) -> str:
@@ -175,14 +179,14 @@ def choose_method(h: int, w: int, method: Method) -> str:
     return method
 
 
-def wavelet_transform(
+def wavelet_coefficients(
     x: jax.Array,
     num_angles: int,
     mode: str,
     method: Method = "fft",
     guard_gradients: bool = True,
-) -> tuple[jax.Array, jax.Array]:
-    """Low-pass and wavelet coefficients of one block.
+) -> jax.Array:
+    """All K + 1 coefficients of one block in the angle-major layout the blocks compute in.
 
     Args:
         x: float32 or complex64[batch, h, w, c], h and w >= 3.
@@ -192,17 +196,34 @@ def wavelet_transform(
         guard_gradients: zero NaN/Inf cotangents flowing into `x` (as the reference does).
 
     Returns:
-        phi: [batch, h', w', c], real if `x` is real, else complex64.
-        psi: complex64[batch, h', w', c * L], channel index c * L + angle.
+        complex64[batch, h', w', K + 1, c]: index 0 of axis -2 is the low-pass phi * U, index
+        1 + theta the wavelet psi_theta * U. Both FFT and spatial paths produce this layout
+        without a transpose; `wavelet_transform` regroups it into the reference's channel order.
     """
     _check_input(x)
     _, h, w, _ = x.shape
     bank = bank_for_input(h, w, num_angles, mode)
     if guard_gradients:
         x = zero_nonfinite_grad(x)
-    real_input = not jnp.iscomplexobj(x)
     if choose_method(h, w, method) == "spatial":
-        y = _spatial_transform(x, bank, num_angles, mode)
-    else:
-        y = _fft_transform(x, bank)
-    return _split_outputs(y, bank.num_wavelets, real_input)
+        return _spatial_transform(x, bank, num_angles, mode)
+    return _fft_transform(x, bank)
+
+
+def wavelet_transform(
+    x: jax.Array,
+    num_angles: int,
+    mode: str,
+    method: Method = "fft",
+    guard_gradients: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Low-pass and wavelet coefficients of one block, in the reference's channel order.
+
+    Args: as `wavelet_coefficients`.
+
+    Returns:
+        phi: [batch, h', w', c], real if `x` is real, else complex64.
+        psi: complex64[batch, h', w', c * L], channel index c * L + angle.
+    """
+    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients)
+    return _split_outputs(y, real_input=not jnp.iscomplexobj(x))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import complex_ops, layers, nonlinear, wavelets
+from pcjax import layers, nonlinear, wavelets
 
 
 def _rand(rng, shape, complex_=True):
@@ -63,47 +63,91 @@ def _np_std(z):
 @pytest.mark.parametrize("rho", ["mod", "cst"])
 @pytest.mark.parametrize("complex_input", [False, True])
 def test_block_equals_composition(block_type, rho, complex_input):
-    """The block is N(Pc(Std(R(W U)))) with R's channel order of REFERENCE.md 7.4."""
+    """The block is N(Pc(Std(R(W U)))) with R's channel order of REFERENCE.md 7.4.
+
+    Every stored array (projection rows, rho's thresholds, running statistics) is filled with
+    distinct random values and indexed in that order, in train and in eval mode: a block that
+    computes in another channel order must permute them exactly.
+    """
     rng = np.random.default_rng(2)
-    x = _rand(rng, (3, 8, 8, 2), complex_input)
+    c, L, feat = 2, 4, 5
+    x = _rand(rng, (3, 8, 8, c), complex_input)
     block = layers.PhaseCollapseBlock(
-        features=5,
-        num_angles=4,
+        features=feat,
+        num_angles=L,
         filter_mode="factorized_odd",
         block_type=block_type,
         nonlinearity=rho,
     )
     v = block.init(jax.random.key(1), x, train=True)
-    y, _ = block.apply(v, x, train=True, mutable=["batch_stats"])
+    n_rho = c * L if block_type == "rho_psi" else c * (L + 1)
+    n_in = c * (L + 1) * (1 if block_type == "rho_psi" else 2)
+    if rho == "cst":
+        # one threshold per channel rho sees, initialised to 0.1 as in the paper's runs
+        np.testing.assert_array_equal(v["params"]["rho_threshold"], np.full(n_rho, 0.1, np.float32))
+    params = {"proj": {"kernel": rng.standard_normal((n_in, feat, 2)).astype(np.float32)}}
+    if rho == "cst":
+        params["rho_threshold"] = rng.uniform(0.05, 1.0, n_rho).astype(np.float32)
+    stats = v["batch_stats"]["std"]
+    assert stats["var"].shape == (n_in,)
+    stats = {
+        "mean": rng.standard_normal(stats["mean"].shape).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, n_in).astype(np.float32),
+    }
+    v = {"params": params, "batch_stats": {"std": stats}}
 
     phi, psi = (
         np.asarray(a).astype(np.complex128)
-        for a in wavelets.wavelet_transform(jnp.asarray(x), 4, "factorized_odd")
+        for a in wavelets.wavelet_transform(jnp.asarray(x), L, "factorized_odd")
     )
-    params = v["params"]
 
     def rho_fn(z):
-        p = {"threshold": np.asarray(params["rho_threshold"])} if rho == "cst" else {}
+        p = {"threshold": params["rho_threshold"]} if rho == "cst" else {}
         return np.asarray(
             nonlinear.apply_complex_nonlinearity(rho, jnp.asarray(z.astype(np.complex64)), **p)
         )
 
     if block_type == "rho_psi":
         z = np.concatenate([phi, rho_fn(psi)], -1)
-        assert z.shape[-1] == 2 * (1 + 4)
     else:
         w = np.concatenate([phi, psi], -1)
         z = np.concatenate([w, rho_fn(w)], -1)
-        assert z.shape[-1] == 2 * 2 * (1 + 4)
-    if rho == "cst":
-        # one threshold per channel rho sees, initialised to 0.1 as in the paper's runs
-        n_rho = 2 * 4 if block_type == "rho_psi" else 2 * 5
-        np.testing.assert_array_equal(params["rho_threshold"], np.full(n_rho, 0.1, np.float32))
-    u = _np_std(z) @ np.asarray(complex_ops.to_complex(params["proj"]["kernel"]))
-    u = u / np.linalg.norm(u, axis=-1, keepdims=True)
+    assert z.shape[-1] == n_in
+    if stats["mean"].ndim == 2:
+        # A real channel's running mean has a zero imaginary part (the reference's is complex).
+        stats["mean"][np.all(z.imag == 0, axis=(0, 1, 2)), 1] = 0
+    kernel = params["proj"]["kernel"][..., 0] + 1j * params["proj"]["kernel"][..., 1]
+
+    def head(zs):
+        u = zs @ kernel
+        return u / np.linalg.norm(u, axis=-1, keepdims=True)
+
+    # Train: batch statistics, running statistics updated in the reference's order.
+    y, upd = block.apply(v, x, train=True, mutable=["batch_stats"])
+    mu = z.mean(axis=(0, 1, 2))
+    var = (np.abs(z - mu) ** 2).mean(axis=(0, 1, 2))
     # float32 FFTs + std + matmul, O(1) outputs.
-    np.testing.assert_allclose(np.asarray(y), u, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(
+        np.asarray(y), head((z - mu) / np.sqrt(var + 1e-5)), rtol=1e-3, atol=3e-4
+    )
     np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=-1), 1, rtol=1e-5)
+    n = z.size // n_in
+    new = upd["batch_stats"]["std"]
+    mu_stored = np.stack([mu.real, mu.imag], -1) if stats["mean"].ndim == 2 else mu.real
+    np.testing.assert_allclose(
+        new["mean"], 0.9 * stats["mean"] + 0.1 * mu_stored, rtol=1e-4, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        new["var"], 0.9 * stats["var"] + 0.1 * var * n / (n - 1), rtol=1e-4, atol=1e-5
+    )
+
+    # Eval: the stored running statistics, read in the same order.
+    y_eval = block.apply(v, x, train=False)
+    m = stats["mean"]
+    m = m[:, 0] + 1j * m[:, 1] if m.ndim == 2 else m
+    np.testing.assert_allclose(
+        np.asarray(y_eval), head((z - m) / np.sqrt(stats["var"] + 1e-5)), rtol=1e-3, atol=3e-4
+    )
 
 
 def test_filters_are_not_parameters():

@@ -184,6 +184,20 @@ def test_psi_channel_order_is_channel_major():
     assert np.all(energy[:L] == 0) and np.all(energy[2 * L :] == 0)
 
 
+@pytest.mark.parametrize("method", ["fft", "spatial"])
+@pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
+def test_coefficients_layout_matches_transform(method, complex_input):
+    # coefficients[..., 0, ci] = phi[..., ci]; [..., 1 + theta, ci] = psi[..., ci * L + theta].
+    L, c = 4, 3
+    x = jnp.asarray(_random_input((2, 9, 8, c), complex_input, seed=7))
+    y = np.asarray(wavelets.wavelet_coefficients(x, L, "factorized_odd", method))
+    phi, psi = (np.asarray(a) for a in wavelets.wavelet_transform(x, L, "factorized_odd", method))
+    assert y.shape == (*phi.shape[:3], L + 1, c) and y.dtype == np.complex64
+    np.testing.assert_array_equal(y[..., 0, :].real if not complex_input else y[..., 0, :], phi)
+    psi_from_y = np.swapaxes(y[..., 1:, :], -1, -2).reshape(psi.shape)
+    np.testing.assert_array_equal(psi_from_y, psi)
+
+
 # --------------------------------------------------------------------------------------------
 # Methods.
 # --------------------------------------------------------------------------------------------
