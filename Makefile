@@ -26,6 +26,7 @@ quickstart: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'
 	$(PY) benchmarks/wavelets.py
+	$(PY) benchmarks/train_step.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pcjax experiments tests benchmarks
