@@ -159,17 +159,17 @@ def test_filters_are_not_parameters():
 
 def test_classifier_interleaves_and_flattens_channel_major():
     rng = np.random.default_rng(3)
-    u = _rand(rng, (4, 2, 2, 3))
+    u = _rand(rng, (4, 2, 3, 3))  # h != w, so a swapped h/w order shows
     head = layers.Classifier(num_classes=7)
     v = head.init(jax.random.key(0), u, train=True)
-    assert v["params"]["linear"]["kernel"].shape == (2 * 3 * 2 * 2, 7)
+    assert v["params"]["linear"]["kernel"].shape == (2 * 3 * 2 * 3, 7)
     logits, _ = head.apply(v, u, train=True, mutable=["batch_stats"])
-    x = np.stack([u.real, u.imag], -1).reshape(4, 2, 2, 6).astype(np.float64)
+    x = np.stack([u.real, u.imag], -1).reshape(4, 2, 3, 6).astype(np.float64)
     x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
     feats = x.transpose(0, 3, 1, 2).reshape(4, -1)  # (channel, h, w) as in the reference
     want = feats @ np.asarray(v["params"]["linear"]["kernel"]) + np.asarray(
         v["params"]["linear"]["bias"]
     )
     np.testing.assert_allclose(logits, want, rtol=1e-4, atol=1e-5)
-    bound = 1 / np.sqrt(24)
+    bound = 1 / np.sqrt(36)
     assert np.abs(np.asarray(v["params"]["linear"]["kernel"])).max() <= bound
