@@ -14,7 +14,7 @@ from XLA's cost analysis of the compiled step (as executed), and "useful" FLOPs 
 complex 1x1 projection naively, as 8 real FLOPs per complex multiply-add (4 multiplications,
 4 additions), real inputs promoted to complex as the reference does; a train step counts 3x
 that (forward, input gradient, weight gradient). The executed count is lower where pcjax does
-fewer FLOPs for the same maths (real segments, Gauss products).
+fewer FLOPs for the same maths (real segments projected with 2 multiplications, not 4).
 Also writes the rows as CSV next to the Markdown table.
 """
 

@@ -186,7 +186,7 @@ def wavelet_coefficients(
     method: Method = "fft",
     guard_gradients: bool = True,
 ) -> jax.Array:
-    """All K + 1 coefficients of one block in the angle-major layout the blocks compute in.
+    """All K + 1 coefficients of one block in one angle-major array.
 
     Args:
         x: float32 or complex64[batch, h, w, c], h and w >= 3.
