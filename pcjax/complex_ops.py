@@ -79,30 +79,49 @@ def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
     return to_pair(w.T).astype(jnp.float32)
 
 
+def rotate_pairs(kernel: jax.Array) -> jax.Array:
+    """(Re, Im) pairs of i W, i.e. (-Wi, Wr): the row an imaginary part meets."""
+    return jnp.stack([-kernel[..., 1], kernel[..., 0]], axis=-1)
+
+
 def pack_kernel(kernel: jax.Array, layout: Sequence[tuple[int, bool]]) -> jax.Array:
     """Real matrix of W acting on packed segments, float32[sum(2n or n), 2 c_out].
 
     `layout` lists (channels, is_complex) per segment. A complex segment x = a + ib meets
-    [[Wr, Wi], [-Wi, Wr]] (rows for a, then b); a real one meets [Wr, Wi]: 2 real
-    multiplications per complex weight instead of 4.
+    rows (Wr, Wi) for a, then (-Wi, Wr) for b; a real one meets (Wr, Wi) only: 2 real
+    multiplications per complex weight instead of 4. Output columns are (Re, Im) interleaved
+    per output channel, so the rows for a and for real segments are the kernel itself
+    reshaped, with no copy of its real and imaginary halves.
     """
     rows, start = [], 0
     for n, is_complex in layout:
-        wr, wi = kernel[start : start + n, :, 0], kernel[start : start + n, :, 1]
-        rows.append(jnp.concatenate([wr, wi], axis=1))
+        k = kernel[start : start + n]
+        rows.append(k.reshape(n, -1))
         if is_complex:
-            rows.append(jnp.concatenate([-wi, wr], axis=1))
+            rows.append(rotate_pairs(k).reshape(n, -1))
         start += n
-    return jnp.concatenate(rows, axis=0)
+    return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
+
+
+def _planes(segments: Sequence[jax.Array]) -> list[jax.Array]:
+    """Real planes of channel segments: (Re, Im) of a complex segment, a real one as is."""
+    planes = []
+    for s in segments:
+        planes += [s.real, s.imag] if jnp.iscomplexobj(s) else [s]
+    return planes
 
 
 def project_segments(
-    segments: Sequence[jax.Array], kernel: jax.Array, compute_dtype: jnp.dtype | None = None
+    segments: Sequence[jax.Array],
+    kernel: jax.Array,
+    compute_dtype: jnp.dtype | None = None,
+    means: Sequence[jax.Array] | None = None,
 ) -> jax.Array:
-    """y = [x_1, x_2, ...] W for channel segments x_s, each real or complex: one real matmul.
+    """y = [x_1 - m_1, x_2 - m_2, ...] W for real or complex channel segments: one real matmul.
 
     Equals `complex_projection(concatenate(segments), kernel)` up to float32 round-off, with
-    every real segment costing half of a complex one.
+    every real segment costing half of a complex one. `means` (one per segment, broadcast over
+    its channels) are subtracted as a bias m W computed on the packed kernel, not on x.
     """
     c_in = sum(s.shape[-1] for s in segments)
     if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != c_in:
@@ -110,13 +129,18 @@ def project_segments(
             f"Projection kernel must be [c_in={c_in}, c_out, 2], got {tuple(kernel.shape)}."
         )
     layout = [(s.shape[-1], bool(jnp.iscomplexobj(s))) for s in segments]
-    planes = []
-    for s in segments:
-        planes += [s.real, s.imag] if jnp.iscomplexobj(s) else [s]
+    planes = _planes(segments)
     x = jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
     w = pack_kernel(kernel, layout)
-    if compute_dtype is not None:
-        x, w = x.astype(compute_dtype), w.astype(compute_dtype)
-    y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-    c_out = kernel.shape[1]
-    return jax.lax.complex(y[..., :c_out], y[..., c_out:])
+    lhs, rhs = (
+        (x, w) if compute_dtype is None else (x.astype(compute_dtype), w.astype(compute_dtype))
+    )
+    y = jnp.matmul(lhs, rhs, preferred_element_type=jnp.float32)
+    if means is not None:
+        m = [
+            mi.astype(s.dtype) if jnp.iscomplexobj(s) else jnp.real(mi)
+            for mi, s in zip(means, segments, strict=True)
+        ]
+        y = y - jnp.matmul(jnp.concatenate(_planes(m)), w, precision=jax.lax.Precision.HIGHEST)
+    y = y.reshape(*y.shape[:-1], kernel.shape[1], 2)
+    return jax.lax.complex(y[..., 0], y[..., 1])

@@ -137,7 +137,7 @@ class ComplexProjection(nn.Module):
         """Projects `x` (one array or its channel segments, see `complex_ops.project_segments`).
 
         With `standardize` = per-segment (mean, 1/std), computes ((x - mean) / std) W as
-        x (W / std) - (mean / std) W: the standardisation is folded into the weights.
+        x (W / std) - mean (W / std): the standardisation is folded into the weights.
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
@@ -148,11 +148,12 @@ class ComplexProjection(nn.Module):
         if standardize is None:
             return complex_ops.project_segments(segments, kernel, self.compute_dtype)
         scale = jnp.concatenate([a for _, a in standardize])  # real [c_in]
-        shift = jnp.concatenate([(m * a).astype(jnp.complex64) for m, a in standardize])
-        y = complex_ops.project_segments(
-            segments, kernel * scale[:, None, None], self.compute_dtype
+        return complex_ops.project_segments(
+            segments,
+            kernel * scale[:, None, None],
+            self.compute_dtype,
+            means=[m for m, _ in standardize],
         )
-        return y - shift @ complex_ops.to_complex(kernel)
 
 
 def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
