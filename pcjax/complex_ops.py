@@ -120,8 +120,8 @@ def project_segments(
     """y = [x_1 - m_1, x_2 - m_2, ...] W for real or complex channel segments: one real matmul.
 
     Equals `complex_projection(concatenate(segments), kernel)` up to float32 round-off, with
-    every real segment costing half of a complex one. `means` (one per segment, broadcast over
-    its channels) are subtracted as a bias m W computed on the packed kernel, not on x.
+    every real segment costing half of a complex one. `means` (one [channels] vector per
+    segment) are subtracted as a bias m W computed on the packed kernel, not on x.
     """
     c_in = sum(s.shape[-1] for s in segments)
     if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != c_in:

@@ -103,3 +103,14 @@ def test_segments_projection_equals_promoted_concatenation():
     np.testing.assert_allclose(got, full @ w, rtol=1e-5, atol=1e-5)
     packed = complex_ops.pack_kernel(kernel, [(2, False), (5, True), (3, False)])
     assert packed.shape == (2 + 2 * 5 + 3, 12)
+    # Per-channel means, subtracted as a bias on the packed kernel.
+    means = [
+        rng.standard_normal(2).astype(np.float32),
+        (rng.standard_normal(5) + 1j * rng.standard_normal(5)).astype(np.complex64),
+        rng.standard_normal(3).astype(np.float32),
+    ]
+    got = complex_ops.project_segments(
+        [jnp.asarray(p) for p in parts], kernel, means=[jnp.asarray(m) for m in means]
+    )
+    m_full = np.concatenate([m.astype(np.complex128) for m in means])
+    np.testing.assert_allclose(got, (full - m_full) @ w, rtol=1e-5, atol=1e-5)
