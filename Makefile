@@ -5,6 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/quickstart
 PYTEST_ARGS ?=
+# XLA:CPU maps each step's temporaries afresh; glibc's huge-page tunable backs them with 2 MiB
+# pages, about 500x fewer page faults (docs/benchmarks/README.md, "Host memory"). Inert where
+# glibc or the kernel lacks it.
+HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: install test quickstart bench lint clean
 
@@ -21,11 +25,11 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
-	$(PY) experiments/quickstart.py --workdir=$(WORKDIR)
+	$(HOST_ENV) $(PY) experiments/quickstart.py --workdir=$(WORKDIR)
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'
-	$(PY) benchmarks/wavelets.py
+	$(HOST_ENV) $(PY) benchmarks/wavelets.py
 	$(PY) benchmarks/train_step.py
 
 lint: $(STAMP)

@@ -3,6 +3,13 @@
     python benchmarks/train_step.py                  # CPU table -> docs/benchmarks/train_step.md
     python benchmarks/train_step.py --quick          # small batches, smoke run
     python benchmarks/train_step.py --rows cifar_b   # one row
+    python benchmarks/train_step.py --no-host-hugepages  # glibc's default allocation
+
+Each row's process runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless told otherwise:
+XLA:CPU allocates a step's temporaries afresh on every call (2.5 GB for the CIFAR variant-B
+train step), and glibc maps them anew each time, so with 4 KiB pages the kernel takes about
+615,000 page faults per step; transparent huge pages cut that to about a thousand
+(docs/benchmarks/README.md, "Host memory").
 
 Each row runs in its own subprocess so its peak RSS is its own. The train step is exactly
 `pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
@@ -26,6 +33,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -38,11 +46,20 @@ sys.path.insert(0, ROOT)
 # 2 threads, random data, one SGD step as its training loop does (momentum 0.9, weight decay
 # 1e-4), models built by its own `main_block` from the command lines of its `run.py`; mean of
 # 3 timed steps after a warm-up, one process per row for the peak RSS.
-# Measured side by side with this script on this 2-core machine, 2026-11-24:
+# Measured side by side with this script on this 2-core machine, 2026-11-24, under the same
+# host-memory setting as the pcjax rows (keyed by --host-hugepages): glibc's huge-page tunable
+# speeds the reference up too, so each setting is compared with its own reference figures.
 REFERENCE = {
-    "cifar_b": {"train": 4.21, "eval": 14.09, "rss_gib": 5.99},
-    "cifar_a": {"train": 7.12, "eval": 19.69, "rss_gib": 4.14},
-    "imagenet_b": {"train": 0.24, "eval": 0.96, "rss_gib": 12.41},
+    True: {
+        "cifar_b": {"train": 5.08, "eval": 19.49, "rss_gib": 6.09},
+        "cifar_a": {"train": 7.80, "eval": 25.24, "rss_gib": 4.08},
+        "imagenet_b": {"train": 0.37, "eval": 0.95, "rss_gib": 12.51},
+    },
+    False: {
+        "cifar_b": {"train": 3.14, "eval": 12.08, "rss_gib": 6.02},
+        "cifar_a": {"train": 4.69, "eval": 15.58, "rss_gib": 4.10},
+        "imagenet_b": {"train": 0.18, "eval": 0.88, "rss_gib": 12.45},
+    },
 }
 # The same measurement taken earlier on another 2-core machine of this type (its fp32 matmul
 # peak was about 2x this one's), kept for comparison; speed-ups use the side-by-side figures.
@@ -176,12 +193,17 @@ def measure(row: str, batch: int, steps: int) -> dict:
     state, m = compiled(state, data)  # warm-up
     jax.block_until_ready(m)
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
         t = time.perf_counter()
         state, m = compiled(state, data)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
     train_s = float(np.median(times))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    # Page faults and kernel time show whether the step's temporaries are mapped afresh.
+    faults_per_step = (after.ru_minflt - usage.ru_minflt) / steps
+    sys_s_per_step = (after.ru_stime - usage.ru_stime) / steps
 
     ev = jax.jit(train.eval_step, in_shardings=(rep, bat), out_shardings=rep)
     eval_data = {
@@ -230,15 +252,41 @@ def measure(row: str, batch: int, steps: int) -> dict:
         / 1e9,
         "train_gflops": train_flops * batch / train_s / 1e9,
         "eval_gflops": eval_flops * batch / eval_s / 1e9,
+        "train_page_faults_per_step": faults_per_step,
+        "train_sys_s_per_step": sys_s_per_step,
         "device": f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}",
     }
 
 
-def _run_row(row: str, batch: int, steps: int) -> dict:
+HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+
+
+def child_environment(host_hugepages: bool) -> dict[str, str]:
+    """Environment of a row's process: ours, plus glibc's huge-page tunable if asked for.
+
+    glibc reads tunables only at process start, which is one reason rows run in subprocesses.
+    Other tunables already set are kept; on other C libraries or with THP disabled in the
+    kernel the setting is inert.
+    """
+    env = dict(os.environ)
+    tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
+    tunables = [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")]
+    if host_hugepages:
+        tunables.append(HUGEPAGE_TUNABLE)
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
+    else:
+        env.pop("GLIBC_TUNABLES", None)
+    return env
+
+
+def _run_row(row: str, batch: int, steps: int, host_hugepages: bool) -> dict:
     """Measures one row in a fresh subprocess; its own peak RSS comes from wait4."""
     cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=err, cwd=ROOT, env=child_environment(host_hugepages)
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -247,6 +295,7 @@ def _run_row(row: str, batch: int, steps: int) -> dict:
             raise RuntimeError(f"{row} failed:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    result["host_hugepages"] = host_hugepages
     return result
 
 
@@ -255,17 +304,19 @@ def _table(results: list[dict], peak: float) -> str:
         "Throughput (reference: side by side on this machine / earlier machine):",
         "",
         "| model | batch | train img/s | ref train | train speed-up | eval img/s | ref eval "
-        "| eval speed-up | input img/s | peak RSS GiB | ref RSS GiB | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eval speed-up | input img/s | peak RSS GiB | ref RSS GiB | compile s "
+        "| page faults / train step | kernel CPU s / train step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref, old = REFERENCE[r["row"]], REFERENCE_EARLIER[r["row"]]
+        ref, old = REFERENCE[r["host_hugepages"]][r["row"]], REFERENCE_EARLIER[r["row"]]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['train_ips']:.2f} | "
             f"{ref['train']} / {old['train']} | {r['train_ips'] / ref['train']:.1f}x | "
             f"{r['eval_ips']:.2f} | {ref['eval']} / {old['eval']} | "
             f"{r['eval_ips'] / ref['eval']:.1f}x | {r['input_ips']:.0f} | {r['rss_gib']:.1f} | "
-            f"{ref['rss_gib']} / {old['rss_gib']} | {r['compile_s']:.0f} |"
+            f"{ref['rss_gib']} / {old['rss_gib']} | {r['compile_s']:.0f} | "
+            f"{r['train_page_faults_per_step']:,.0f} | {r['train_sys_s_per_step']:.2f} |"
         )
     lines += [
         "",
@@ -302,7 +353,7 @@ def _write_csv(results: list[dict], path: str) -> None:
         w = csv.DictWriter(f, fieldnames=[*fields, "ref_train_ips", "ref_eval_ips", "ref_rss_gib"])
         w.writeheader()
         for r in results:
-            ref = REFERENCE[r["row"]]
+            ref = REFERENCE[r["host_hugepages"]][r["row"]]
             w.writerow(
                 {
                     **r,
@@ -320,6 +371,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "train_step.md"))
     parser.add_argument("--batch", type=int)
+    parser.add_argument(
+        "--host-hugepages",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"run each row with GLIBC_TUNABLES={HUGEPAGE_TUNABLE} (default: on)",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
@@ -330,14 +387,17 @@ def main() -> None:
     results = []
     for row in args.rows:
         batch = 8 if args.quick else (args.batch or ROWS[row][1])
-        results.append(_run_row(row, batch, 2 if args.quick else args.steps))
+        results.append(_run_row(row, batch, 2 if args.quick else args.steps, args.host_hugepages))
         print(json.dumps(results[-1]), flush=True)
     peak = _matmul_peak_gflops()
     cpu = platform.processor() or platform.machine()
     header = (
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`  \n"
         f"Date: {datetime.date.today()}; jax {jax.__version__}; device "
-        f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).\n"
+        f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).  \n"
+        f"Host memory: each row's process ran with "
+        f"{child_environment(args.host_hugepages).get('GLIBC_TUNABLES', 'no GLIBC_TUNABLES')}"
+        " (see the script's docstring).\n"
         "Reference: the authors' PyTorch code, torch 2.13 CPU, 2 threads (see `REFERENCE` in "
         "the script for how it was measured).\n"
     )
