@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/quickstart
 PYTEST_ARGS ?=
 # XLA:CPU maps each step's temporaries afresh; glibc's huge-page tunable backs them with 2 MiB
-# pages, about 500x fewer page faults (docs/benchmarks/README.md, "Host memory"). Inert where
+# pages, a few hundred times fewer page faults (docs/benchmarks/README.md, "Host memory"). Inert where
 # glibc or the kernel lacks it.
 HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 

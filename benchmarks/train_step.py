@@ -8,7 +8,7 @@
 Each row's process runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless told otherwise:
 XLA:CPU allocates a step's temporaries afresh on every call (2.5 GB for the CIFAR variant-B
 train step), and glibc maps them anew each time, so with 4 KiB pages the kernel takes about
-615,000 page faults per step; transparent huge pages cut that to about a thousand
+615,000 page faults per step; transparent huge pages cut that to about two thousand
 (docs/benchmarks/README.md, "Host memory").
 
 Each row runs in its own subprocess so its peak RSS is its own. The train step is exactly
@@ -46,7 +46,7 @@ sys.path.insert(0, ROOT)
 # 2 threads, random data, one SGD step as its training loop does (momentum 0.9, weight decay
 # 1e-4), models built by its own `main_block` from the command lines of its `run.py`; mean of
 # 3 timed steps after a warm-up, one process per row for the peak RSS.
-# Measured side by side with this script on this 2-core machine, 2026-11-24, under the same
+# Measured side by side with this script on this 2-core machine, 2026-11-24/25, under the same
 # host-memory setting as the pcjax rows (keyed by --host-hugepages): glibc's huge-page tunable
 # speeds the reference up too, so each setting is compared with its own reference figures.
 REFERENCE = {
