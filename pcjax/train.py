@@ -32,7 +32,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
-from pcjax import checkpoint, config_lib, metrics, models, sharding
+from pcjax import checkpoint, config_lib, host_memory, metrics, models, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -390,12 +390,25 @@ def run(
 
     With `distributed`, `jax.distributed.initialize()` joins the other processes of a multi-host
     TPU/GPU job (it discovers the coordinator from the cluster environment); every process then
-    runs this same function.
+    runs this same function. On CPU, `config.train.cpu_reuse_step_memory` is applied here,
+    before JAX starts its backends (see `pcjax.host_memory`).
     """
     # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
     logging.get_absl_handler().addFilter(_QuietOrbax())
+    reuse = config.train.cpu_reuse_step_memory
+    synchronous = reuse and host_memory.synchronous_cpu_dispatch()  # before the backends start
     if distributed:
         jax.distributed.initialize()
+    if reuse and jax.default_backend() == "cpu":
+        # Without synchronous steps the heap would grow instead (pcjax.host_memory).
+        if synchronous and host_memory.keep_freed_memory():
+            logging.info("CPU steps run synchronously and reuse freed host memory.")
+        else:
+            logging.warning(
+                "config.train.cpu_reuse_step_memory is set but not applied: JAX's backends "
+                "started before pcjax.train.run, or the C library is not glibc. Each step "
+                "maps fresh host memory."
+            )
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
         jax.process_index(),

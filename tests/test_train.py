@@ -245,6 +245,7 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, script, preset):
     out = _run_cli(script, [f"--config={config}:{preset}", f"--workdir={tmp_path}"], mock=True)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "eval/top1" in out.stderr and "train/loss" in out.stderr
+    assert "reuse freed host memory" in out.stderr  # config.train.cpu_reuse_step_memory
     assert (tmp_path / "checkpoints" / "2").exists()
 
 
