@@ -5,9 +5,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 WORKDIR ?= workdirs/quickstart
 PYTEST_ARGS ?=
-# XLA:CPU maps each step's temporaries afresh; glibc's huge-page tunable backs them with 2 MiB
-# pages, a few hundred times fewer page faults (docs/benchmarks/README.md, "Host memory"). Inert where
-# glibc or the kernel lacks it.
+# The wavelet benchmark calls XLA:CPU programs whose temporaries are mapped afresh on each call;
+# glibc's huge-page tunable backs them with 2 MiB pages, a few hundred times fewer page faults
+# (docs/benchmarks/README.md, "Host memory"). Inert where glibc or the kernel lacks it. The
+# trainer needs no setting: on CPU it reuses each step's memory itself (pcjax.host_memory).
 HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: install test quickstart bench lint clean
@@ -25,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
-	$(HOST_ENV) $(PY) experiments/quickstart.py --workdir=$(WORKDIR)
+	$(PY) experiments/quickstart.py --workdir=$(WORKDIR)
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'

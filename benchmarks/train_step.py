@@ -3,13 +3,17 @@
     python benchmarks/train_step.py                  # CPU table -> docs/benchmarks/train_step.md
     python benchmarks/train_step.py --quick          # small batches, smoke run
     python benchmarks/train_step.py --rows cifar_b   # one row
-    python benchmarks/train_step.py --no-host-hugepages  # glibc's default allocation
+    python benchmarks/train_step.py --host-memory hugepages  # or default: see below
 
-Each row's process runs with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 unless told otherwise:
-XLA:CPU allocates a step's temporaries afresh on every call (2.5 GB for the CIFAR variant-B
-train step), and glibc maps them anew each time, so with 4 KiB pages the kernel takes about
-615,000 page faults per step; transparent huge pages cut that to about two thousand
-(docs/benchmarks/README.md, "Host memory").
+Host memory (`--host-memory`): XLA:CPU allocates a step's temporaries afresh on every call
+(2.5 GB for the CIFAR variant-B train step), and glibc maps them anew each time, so with 4 KiB
+pages the kernel takes about 615,000 page faults per step (docs/benchmarks/README.md, "Host
+memory"). `reuse` (the default, as `pcjax.train.run` runs on CPU) keeps freed memory mapped
+and runs CPU steps synchronously (`pcjax.host_memory`), so each step reuses the last one's
+pages; `hugepages` runs each row's process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead
+(transparent huge pages: about two thousand faults per step); `default` is glibc's default.
+Each setting writes its own table and is compared with reference figures taken under the
+equivalent setting.
 
 Each row runs in its own subprocess so its peak RSS is its own. The train step is exactly
 `pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
@@ -46,16 +50,25 @@ sys.path.insert(0, ROOT)
 # 2 threads, random data, one SGD step as its training loop does (momentum 0.9, weight decay
 # 1e-4), models built by its own `main_block` from the command lines of its `run.py`; mean of
 # 3 timed steps after a warm-up, one process per row for the peak RSS.
-# Measured side by side with this script on this 2-core machine, 2026-11-24/25, under the same
-# host-memory setting as the pcjax rows (keyed by --host-hugepages): glibc's huge-page tunable
-# speeds the reference up too, so each setting is compared with its own reference figures.
+# Measured side by side with this script on this 2-core machine, 2026-11-24/25, under the
+# equivalent host-memory setting (keyed by --host-memory): "reuse" ran the reference with
+# GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<SIZE_MAX>, the settings
+# `pcjax.host_memory.keep_freed_memory` makes (eager PyTorch has no asynchronous dispatch to
+# turn off). Allocation speeds the reference up too, so each setting has its own figures.
 REFERENCE = {
-    True: {
+    "reuse": {
+        "cifar_b": {"train": 7.64, "eval": 19.95, "rss_gib": 9.73},
+        "cifar_a": {"train": 10.58, "eval": 24.89, "rss_gib": 6.13},
+        # Its train step was killed for memory on this 24 GiB machine (freed memory is never
+        # returned to the kernel, and its heap outgrew the machine). Peak RSS is the eval's.
+        "imagenet_b": {"train": None, "eval": 1.52, "rss_gib": 5.46},
+    },
+    "hugepages": {
         "cifar_b": {"train": 5.08, "eval": 19.49, "rss_gib": 6.09},
         "cifar_a": {"train": 7.80, "eval": 25.24, "rss_gib": 4.08},
         "imagenet_b": {"train": 0.37, "eval": 0.95, "rss_gib": 12.51},
     },
-    False: {
+    "default": {
         "cifar_b": {"train": 3.14, "eval": 12.08, "rss_gib": 6.02},
         "cifar_a": {"train": 4.69, "eval": 15.58, "rss_gib": 4.10},
         "imagenet_b": {"train": 0.18, "eval": 0.88, "rss_gib": 12.45},
@@ -67,6 +80,12 @@ REFERENCE_EARLIER = {
     "cifar_b": {"train": 5.7, "eval": 33.4, "rss_gib": 6.2},
     "cifar_a": {"train": 8.0, "eval": 37.0, "rss_gib": 4.2},
     "imagenet_b": {"train": 0.30, "eval": 1.46, "rss_gib": 12.6},
+}
+HOST_MEMORY = ("reuse", "hugepages", "default")
+TABLES = {
+    "reuse": "train_step.md",
+    "hugepages": "train_step_hugepages.md",
+    "default": "train_step_default_malloc.md",
 }
 ROWS = {
     "cifar_b": ("cifar10/mod/linear_plus_rho", 128),
@@ -152,8 +171,13 @@ def _imagenet_input_ips(batch: int, num_images: int = 256) -> float:
     return n * batch / (time.perf_counter() - t)
 
 
-def measure(row: str, batch: int, steps: int) -> dict:
+def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     """Runs in a subprocess: times train, eval and input for one model row."""
+    from pcjax import host_memory
+
+    if host_memory_setting == "reuse":  # as pcjax.train.run does, before the backend starts
+        if not (host_memory.synchronous_cpu_dispatch() and host_memory.keep_freed_memory()):
+            raise RuntimeError("--host-memory reuse could not be applied (needs glibc)")
     import jax
     import numpy as np
 
@@ -259,10 +283,15 @@ def measure(row: str, batch: int, steps: int) -> dict:
 
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
+HOST_MEMORY_NOTES = {
+    "reuse": "freed memory kept mapped and CPU steps run synchronously (pcjax.host_memory)",
+    "hugepages": f"each row's process ran with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
+    "default": "glibc's default allocation",
+}
 
 
-def child_environment(host_hugepages: bool) -> dict[str, str]:
-    """Environment of a row's process: ours, plus glibc's huge-page tunable if asked for.
+def child_environment(host_memory_setting: str) -> dict[str, str]:
+    """Environment of a row's process: ours, plus glibc's huge-page tunable for `hugepages`.
 
     glibc reads tunables only at process start, which is one reason rows run in subprocesses.
     Other tunables already set are kept; on other C libraries or with THP disabled in the
@@ -271,7 +300,7 @@ def child_environment(host_hugepages: bool) -> dict[str, str]:
     env = dict(os.environ)
     tunables = [t for t in env.get("GLIBC_TUNABLES", "").split(":") if t]
     tunables = [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")]
-    if host_hugepages:
+    if host_memory_setting == "hugepages":
         tunables.append(HUGEPAGE_TUNABLE)
     if tunables:
         env["GLIBC_TUNABLES"] = ":".join(tunables)
@@ -280,12 +309,13 @@ def child_environment(host_hugepages: bool) -> dict[str, str]:
     return env
 
 
-def _run_row(row: str, batch: int, steps: int, host_hugepages: bool) -> dict:
+def _run_row(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     """Measures one row in a fresh subprocess; its own peak RSS comes from wait4."""
     cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
+    cmd += ["--host-memory", host_memory_setting]
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=err, cwd=ROOT, env=child_environment(host_hugepages)
+            cmd, stdout=out, stderr=err, cwd=ROOT, env=child_environment(host_memory_setting)
         )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -295,7 +325,7 @@ def _run_row(row: str, batch: int, steps: int, host_hugepages: bool) -> dict:
             raise RuntimeError(f"{row} failed:\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
-    result["host_hugepages"] = host_hugepages
+    result["host_memory"] = host_memory_setting
     return result
 
 
@@ -309,10 +339,14 @@ def _table(results: list[dict], peak: float) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        ref, old = REFERENCE[r["host_hugepages"]][r["row"]], REFERENCE_EARLIER[r["row"]]
+        ref, old = REFERENCE[r["host_memory"]][r["row"]], REFERENCE_EARLIER[r["row"]]
+        if ref["train"] is None:
+            ref_train, train_speedup = "out of memory", "-"
+        else:
+            ref_train, train_speedup = ref["train"], f"{r['train_ips'] / ref['train']:.1f}x"
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['train_ips']:.2f} | "
-            f"{ref['train']} / {old['train']} | {r['train_ips'] / ref['train']:.1f}x | "
+            f"{ref_train} / {old['train']} | {train_speedup} | "
             f"{r['eval_ips']:.2f} | {ref['eval']} / {old['eval']} | "
             f"{r['eval_ips'] / ref['eval']:.1f}x | {r['input_ips']:.0f} | {r['rss_gib']:.1f} | "
             f"{ref['rss_gib']} / {old['rss_gib']} | {r['compile_s']:.0f} | "
@@ -353,7 +387,7 @@ def _write_csv(results: list[dict], path: str) -> None:
         w = csv.DictWriter(f, fieldnames=[*fields, "ref_train_ips", "ref_eval_ips", "ref_rss_gib"])
         w.writeheader()
         for r in results:
-            ref = REFERENCE[r["host_hugepages"]][r["row"]]
+            ref = REFERENCE[r["host_memory"]][r["row"]]
             w.writerow(
                 {
                     **r,
@@ -369,25 +403,27 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--quick", action="store_true", help="batch 8, 2 steps")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(ROOT, "docs", "benchmarks", "train_step.md"))
+    parser.add_argument(
+        "--out", help="Markdown table path (default: docs/benchmarks/, named by --host-memory)"
+    )
     parser.add_argument("--batch", type=int)
     parser.add_argument(
-        "--host-hugepages",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help=f"run each row with GLIBC_TUNABLES={HUGEPAGE_TUNABLE} (default: on)",
+        "--host-memory",
+        choices=HOST_MEMORY,
+        default="reuse",
+        help="how each row's process gets host memory (see the docstring; default: reuse)",
     )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
-        print(json.dumps(measure(args._child, args.batch, args.steps)))
+        print(json.dumps(measure(args._child, args.batch, args.steps, args.host_memory)))
         return
     import jax
 
     results = []
     for row in args.rows:
         batch = 8 if args.quick else (args.batch or ROWS[row][1])
-        results.append(_run_row(row, batch, 2 if args.quick else args.steps, args.host_hugepages))
+        results.append(_run_row(row, batch, 2 if args.quick else args.steps, args.host_memory))
         print(json.dumps(results[-1]), flush=True)
     peak = _matmul_peak_gflops()
     cpu = platform.processor() or platform.machine()
@@ -395,19 +431,18 @@ def main() -> None:
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`  \n"
         f"Date: {datetime.date.today()}; jax {jax.__version__}; device "
         f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).  \n"
-        f"Host memory: each row's process ran with "
-        f"{child_environment(args.host_hugepages).get('GLIBC_TUNABLES', 'no GLIBC_TUNABLES')}"
-        " (see the script's docstring).\n"
+        f"Host memory: {HOST_MEMORY_NOTES[args.host_memory]} (see the script's docstring).\n"
         "Reference: the authors' PyTorch code, torch 2.13 CPU, 2 threads (see `REFERENCE` in "
         "the script for how it was measured).\n"
     )
     table = header + "\n" + _table(results, peak) + "\n"
     print(table)
     if not args.quick:
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        with open(args.out, "w") as f:
+        out = args.out or os.path.join(ROOT, "docs", "benchmarks", TABLES[args.host_memory])
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
             f.write("# Train-step benchmark\n\n" + table)
-        _write_csv(results, os.path.splitext(args.out)[0] + ".csv")
+        _write_csv(results, os.path.splitext(out)[0] + ".csv")
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ bench = _load_train_step_benchmark()
 
 def test_child_environment_adds_and_removes_the_tunable(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0")
-    on = bench.child_environment(True)["GLIBC_TUNABLES"].split(":")
+    on = bench.child_environment("hugepages")["GLIBC_TUNABLES"].split(":")
     assert on == ["glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=1"]
-    off = bench.child_environment(False)["GLIBC_TUNABLES"].split(":")
-    assert off == ["glibc.malloc.tcache_count=0"]
+    for setting in ("reuse", "default"):  # reuse is set inside the process (pcjax.host_memory)
+        off = bench.child_environment(setting)["GLIBC_TUNABLES"].split(":")
+        assert off == ["glibc.malloc.tcache_count=0"]
     monkeypatch.delenv("GLIBC_TUNABLES")
-    assert bench.child_environment(True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert "GLIBC_TUNABLES" not in bench.child_environment(False)
+    assert bench.child_environment("hugepages")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert "GLIBC_TUNABLES" not in bench.child_environment("default")
 
 
 def _thp_mode() -> str:
@@ -61,16 +62,25 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 def test_hugepage_tunable_cuts_page_faults_of_a_fresh_buffer():
     """256 MiB touched page by page: 65,536 faults with 4 KiB pages, a few hundred with 2 MiB."""
 
-    def faults(host_hugepages: bool) -> int:
+    def faults(setting: str) -> int:
         out = subprocess.run(
             [sys.executable, "-c", _TOUCH],
-            env=bench.child_environment(host_hugepages),
+            env=bench.child_environment(setting),
             capture_output=True,
             text=True,
             check=True,
         )
         return int(out.stdout.strip())
 
-    without, with_thp = faults(False), faults(True)
+    without, with_thp = faults("default"), faults("hugepages")
     assert without > 60_000
     assert with_thp < without / 20
+
+
+def test_every_host_memory_setting_has_reference_figures_and_a_table():
+    assert set(bench.REFERENCE) == set(bench.HOST_MEMORY) == set(bench.TABLES)
+    for figures in bench.REFERENCE.values():
+        assert set(figures) == set(bench.ROWS)
+        # None: the reference could not run that row under the setting (out of memory).
+        assert all(v is None or v > 0 for row in figures.values() for v in row.values())
+        assert all(row["eval"] > 0 and row["rss_gib"] > 0 for row in figures.values())
