@@ -3,7 +3,7 @@
 XLA:CPU allocates a step's temporaries on every call (2.5 GB for the CIFAR variant-B train step)
 and frees them when the step ends. glibc serves allocations this large with a fresh `mmap` and
 returns them with `munmap`, so every step page-faults its whole working set in again and the
-kernel zeroes it: about a second of kernel CPU per CIFAR step, four for ImageNet
+kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s for ImageNet
 (docs/benchmarks/README.md, "Host memory"). Two settings together remove that cost:
 
 - glibc serves large allocations from its heap and never gives freed memory back
@@ -47,9 +47,9 @@ def synchronous_cpu_dispatch() -> bool:
 def keep_freed_memory() -> bool:
     """Makes glibc serve every allocation from its heap and keep freed memory mapped.
 
-    Process-wide and irreversible, so the host's resident memory stays at its peak; the peak
-    itself does not grow as long as steps run one at a time (`synchronous_cpu_dispatch`).
-    Returns False, changing nothing, where the C library is not glibc.
+    Process-wide and irreversible, so the host's resident memory stays at its peak. Run steps
+    one at a time (`synchronous_cpu_dispatch`) so that each finds the last one's buffer free;
+    otherwise the heap grows. Returns False, changing nothing, where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(None)  # the C library this process is linked against
