@@ -81,12 +81,6 @@ REFERENCE_EARLIER = {
     "cifar_a": {"train": 8.0, "eval": 37.0, "rss_gib": 4.2},
     "imagenet_b": {"train": 0.30, "eval": 1.46, "rss_gib": 12.6},
 }
-HOST_MEMORY = ("reuse", "hugepages", "default")
-TABLES = {
-    "reuse": "train_step.md",
-    "hugepages": "train_step_hugepages.md",
-    "default": "train_step_default_malloc.md",
-}
 ROWS = {
     "cifar_b": ("cifar10/mod/linear_plus_rho", 128),
     "cifar_a": ("cifar10/mod/rho_psi", 128),
@@ -283,10 +277,17 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
 
 
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-HOST_MEMORY_NOTES = {
-    "reuse": "freed memory kept mapped and CPU steps run synchronously (pcjax.host_memory)",
-    "hugepages": f"each row's process ran with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
-    "default": "glibc's default allocation",
+# --host-memory settings: the table each writes under docs/benchmarks/, and how it is described.
+HOST_MEMORY = {
+    "reuse": (
+        "train_step.md",
+        "freed memory kept mapped and CPU steps run synchronously (pcjax.host_memory)",
+    ),
+    "hugepages": (
+        "train_step_hugepages.md",
+        f"each row's process ran with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
+    ),
+    "default": ("train_step_default_malloc.md", "glibc's default allocation"),
 }
 
 
@@ -409,7 +410,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int)
     parser.add_argument(
         "--host-memory",
-        choices=HOST_MEMORY,
+        choices=list(HOST_MEMORY),
         default="reuse",
         help="how each row's process gets host memory (see the docstring; default: reuse)",
     )
@@ -431,14 +432,14 @@ def main() -> None:
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`  \n"
         f"Date: {datetime.date.today()}; jax {jax.__version__}; device "
         f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).  \n"
-        f"Host memory: {HOST_MEMORY_NOTES[args.host_memory]} (see the script's docstring).\n"
+        f"Host memory: {HOST_MEMORY[args.host_memory][1]} (see the script's docstring).\n"
         "Reference: the authors' PyTorch code, torch 2.13 CPU, 2 threads (see `REFERENCE` in "
         "the script for how it was measured).\n"
     )
     table = header + "\n" + _table(results, peak) + "\n"
     print(table)
     if not args.quick:
-        out = args.out or os.path.join(ROOT, "docs", "benchmarks", TABLES[args.host_memory])
+        out = args.out or os.path.join(ROOT, "docs", "benchmarks", HOST_MEMORY[args.host_memory][0])
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write("# Train-step benchmark\n\n" + table)
