@@ -12,9 +12,9 @@ kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s fo
   so a step's temporaries are freed before the next step allocates its own. With asynchronous
   dispatch the next steps allocate while the current one runs, and the heap grows instead.
 
-`pcjax.train.run` applies both when `config.train.cpu_reuse_step_memory` is set and the run is
-on CPU; neither changes a computed number. On GPU/TPU the device allocator already reuses
-memory, and nothing here applies.
+`reuse_step_memory` applies both on a CPU backend; `pcjax.train.run` calls it when
+`config.train.cpu_reuse_step_memory` is set. Neither changes a computed number. On GPU/TPU
+the device allocator already reuses memory, and nothing here applies.
 """
 
 from __future__ import annotations
@@ -63,3 +63,14 @@ def keep_freed_memory() -> bool:
     # No mmap'd chunks: large requests come from the heap, where a freed chunk is reused.
     # A trim threshold of -1 is SIZE_MAX to glibc: the heap's top is never returned.
     return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+
+
+def reuse_step_memory() -> bool:
+    """Both settings above, if the default backend is the CPU; returns whether they applied.
+
+    Call it before JAX starts its backends (after `jax.distributed.initialize`, which does not
+    start them). False on GPU/TPU, where nothing is needed, and where the backends had already
+    started asynchronous or the C library is not glibc.
+    """
+    synchronous = synchronous_cpu_dispatch()  # must precede the backend query below
+    return jax.default_backend() == "cpu" and synchronous and keep_freed_memory()

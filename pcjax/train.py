@@ -395,15 +395,12 @@ def run(
     """
     # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    reuse = config.train.cpu_reuse_step_memory
-    synchronous = reuse and host_memory.synchronous_cpu_dispatch()  # before the backends start
     if distributed:
         jax.distributed.initialize()
-    if reuse and jax.default_backend() == "cpu":
-        # Without synchronous steps the heap would grow instead (pcjax.host_memory).
-        if synchronous and host_memory.keep_freed_memory():
+    if config.train.cpu_reuse_step_memory:
+        if host_memory.reuse_step_memory():
             logging.info("CPU steps run synchronously and reuse freed host memory.")
-        else:
+        elif jax.default_backend() == "cpu":
             logging.warning(
                 "config.train.cpu_reuse_step_memory is set but not applied: JAX's backends "
                 "started before pcjax.train.run, or the C library is not glibc. Each step "
