@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'
 	$(HOST_ENV) $(PY) benchmarks/wavelets.py
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/blocks.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pcjax experiments tests benchmarks

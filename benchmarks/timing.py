@@ -96,3 +96,13 @@ def time_interleaved(
             )
             samples[name].extend(t.samples_ms)
     return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def matmul_peak_gflops(n: int = 4096, calls: int = 10) -> float:
+    """Best fp32 n x n matmul throughput of `calls` calls, in GFLOP/s: the benchmarks' roofline."""
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    t = time_fn(f, a, min_runs=calls, min_time=0.0, max_runs=calls)
+    return 2 * n**3 / (t.min_ms / 1e3) / 1e9

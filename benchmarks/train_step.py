@@ -15,7 +15,8 @@ pages; `hugepages` runs each row's process with GLIBC_TUNABLES=glibc.malloc.huge
 Each setting writes its own table and is compared with reference figures taken under the
 equivalent setting.
 
-Each row runs in its own subprocess so its peak RSS is its own. The train step is exactly
+Each row runs in its own subprocess so its peak RSS is its own. Train rows are the median of
+`--steps` timed steps after `WARMUP_STEPS` untimed ones. The train step is exactly
 `pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
 state) on random data; eval is `pcjax.train.eval_step`; the input pipeline is
 `pcjax.data.create_train_dataset` (CIFAR-10 rows: the digits stream at 32x32 stands in, since
@@ -45,6 +46,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # for `timing` when run as a script
+from timing import matmul_peak_gflops  # noqa: E402
 
 # The authors' PyTorch implementation (PhaseCollapse @ 693647f, unmodified), torch 2.13.0 CPU,
 # 2 threads, random data, one SGD step as its training loop does (momentum 0.9, weight decay
@@ -81,6 +84,10 @@ REFERENCE_EARLIER = {
     "cifar_a": {"train": 8.0, "eval": 37.0, "rss_gib": 4.2},
     "imagenet_b": {"train": 0.30, "eval": 1.46, "rss_gib": 12.6},
 }
+# Untimed train steps before the timed ones.
+WARMUP_STEPS = 3
+# Speed-up targets over the side-by-side reference.
+TRAIN_TARGET, EVAL_TARGET = 4.0, 3.0
 ROWS = {
     "cifar_b": ("cifar10/mod/linear_plus_rho", 128),
     "cifar_a": ("cifar10/mod/rho_psi", 128),
@@ -88,19 +95,9 @@ ROWS = {
 }
 
 
-def _matmul_peak_gflops() -> float:
-    """fp32 4096^2 matmul throughput: the roofline the table compares against."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (4096, 4096), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(a).block_until_ready()
-    t = time.perf_counter()
-    n = 5
-    for _ in range(n):
-        f(a).block_until_ready()
-    return 2 * 4096**3 * n / (time.perf_counter() - t) / 1e9
+def peak_bound_ips(gflop_per_img: float, peak_gflops: float) -> float:
+    """Images/s if every executed FLOP ran at the matmul peak: no step of this cost is faster."""
+    return peak_gflops / gflop_per_img
 
 
 def _useful_projection_flops(model_name: str, image_shape: tuple[int, int, int]) -> float:
@@ -208,8 +205,11 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     train_flops = float(cost.get("flops", float("nan"))) / batch
-    state, m = compiled(state, data)  # warm-up
-    jax.block_until_ready(m)
+    # Warm-up: the first steps also settle the host heap (pcjax.host_memory), which can grow
+    # once by a whole temporary buffer before every later step reuses it.
+    for _ in range(WARMUP_STEPS):
+        state, m = compiled(state, data)
+        jax.block_until_ready(m)
     times = []
     usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(steps):
@@ -358,34 +358,67 @@ def _table(results: list[dict], peak: float) -> str:
         f"FLOPs (fp32 4096x4096 matmul peak measured in the same run: {peak:.0f} GFLOP/s):",
         "",
         "| model | train GFLOP/img executed | useful | train GFLOP/s executed | useful "
-        "| % of peak (executed) | eval GFLOP/img executed | useful | eval GFLOP/s executed "
-        "| useful | % of peak (executed) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % of peak (executed) | train img/s bound | eval GFLOP/img executed | useful "
+        "| eval GFLOP/s executed | useful | % of peak (executed) | eval img/s bound |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         useful = r["useful_fwd_proj_gflop_per_img"]
         lines.append(
             f"| {r['model']} | {r['train_gflop_per_img']:.2f} | {3 * useful:.2f} | "
             f"{r['train_gflops']:.0f} | {3 * useful * r['train_ips']:.0f} | "
-            f"{100 * r['train_gflops'] / peak:.0f}% | {r['eval_gflop_per_img']:.2f} | "
+            f"{100 * r['train_gflops'] / peak:.0f}% | "
+            f"{peak_bound_ips(r['train_gflop_per_img'], peak):.1f} | "
+            f"{r['eval_gflop_per_img']:.2f} | "
             f"{useful:.2f} | {r['eval_gflops']:.0f} | {useful * r['eval_ips']:.0f} | "
-            f"{100 * r['eval_gflops'] / peak:.0f}% |"
+            f"{100 * r['eval_gflops'] / peak:.0f}% | "
+            f"{peak_bound_ips(r['eval_gflop_per_img'], peak):.1f} |"
         )
     lines += [
         "",
         "Executed: XLA's cost analysis of the compiled programs. Useful: the complex 1x1 "
         "projections counted naively (8 real FLOPs per complex multiply-add, real inputs "
-        "promoted to complex as in the reference; a train step counts 3x the forward).",
+        "promoted to complex as in the reference; a train step counts 3x the forward). "
+        "Bound: the img/s if every executed FLOP ran at the matmul peak, an upper limit for "
+        "these FLOP counts on this machine.",
+        "",
+        "Targets (train 4x, eval 3x the side-by-side reference) against the bound:",
+        "",
+        "| model | train target img/s | train bound | train met | eval target img/s "
+        "| eval bound | eval met |",
+        "|---|---|---|---|---|---|---|",
     ]
+    for r in results:
+        ref = REFERENCE[r["host_memory"]][r["row"]]
+        cells = []
+        for kind, factor in (("train", TRAIN_TARGET), ("eval", EVAL_TARGET)):
+            bound = peak_bound_ips(r[f"{kind}_gflop_per_img"], peak)
+            if ref[kind] is None:
+                cells += ["- (reference out of memory)", f"{bound:.1f}", "-"]
+                continue
+            target = factor * ref[kind]
+            met = "yes" if r[f"{kind}_ips"] >= target else "no"
+            if met == "no" and bound < target:
+                met = "no (target above the bound)"
+            cells += [f"{target:.2f}", f"{bound:.1f}", met]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def _write_csv(results: list[dict], path: str) -> None:
+def _write_csv(results: list[dict], path: str, peak: float) -> None:
     import csv
 
     fields = sorted({k for r in results for k in r})
+    extra = [
+        "ref_train_ips",
+        "ref_eval_ips",
+        "ref_rss_gib",
+        "matmul_peak_gflops",
+        "train_bound_ips",
+        "eval_bound_ips",
+    ]
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*fields, "ref_train_ips", "ref_eval_ips", "ref_rss_gib"])
+        w = csv.DictWriter(f, fieldnames=[*fields, *extra])
         w.writeheader()
         for r in results:
             ref = REFERENCE[r["host_memory"]][r["row"]]
@@ -395,6 +428,9 @@ def _write_csv(results: list[dict], path: str) -> None:
                     "ref_train_ips": ref["train"],
                     "ref_eval_ips": ref["eval"],
                     "ref_rss_gib": ref["rss_gib"],
+                    "matmul_peak_gflops": peak,
+                    "train_bound_ips": peak_bound_ips(r["train_gflop_per_img"], peak),
+                    "eval_bound_ips": peak_bound_ips(r["eval_gflop_per_img"], peak),
                 }
             )
 
@@ -426,7 +462,7 @@ def main() -> None:
         batch = 8 if args.quick else (args.batch or ROWS[row][1])
         results.append(_run_row(row, batch, 2 if args.quick else args.steps, args.host_memory))
         print(json.dumps(results[-1]), flush=True)
-    peak = _matmul_peak_gflops()
+    peak = matmul_peak_gflops()
     cpu = platform.processor() or platform.machine()
     header = (
         f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`  \n"
@@ -443,7 +479,7 @@ def main() -> None:
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write("# Train-step benchmark\n\n" + table)
-        _write_csv(results, os.path.splitext(out)[0] + ".csv")
+        _write_csv(results, os.path.splitext(out)[0] + ".csv", peak)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ class PhaseCollapseNet(nn.Module):
     wavelet_method: str = "auto"
     compute_dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def block_kwargs(self) -> list[dict[str, Any]]:
+        """Constructor arguments of each `PhaseCollapseBlock`, in order (also for benchmarks)."""
         modes = filters.block_filter_modes(len(self.widths), self.num_standard_blocks)
-        for b, (width, mode) in enumerate(zip(self.widths, modes, strict=True)):
-            x = layers.PhaseCollapseBlock(
+        return [
+            dict(
                 features=width,
                 num_angles=self.num_angles,
                 filter_mode=mode,
@@ -52,8 +52,14 @@ class PhaseCollapseNet(nn.Module):
                 learn_nonlinearity=self.learn_nonlinearity,
                 wavelet_method=self.wavelet_method,
                 compute_dtype=self.compute_dtype,
-                name=f"block{b}",
-            )(x, train)
+            )
+            for width, mode in zip(self.widths, modes, strict=True)
+        ]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        for b, kwargs in enumerate(self.block_kwargs()):
+            x = layers.PhaseCollapseBlock(**kwargs, name=f"block{b}")(x, train)
         return layers.Classifier(self.num_classes, name="head")(x, train)
 
 

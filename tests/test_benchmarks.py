@@ -1,4 +1,4 @@
-"""The train-step benchmark's per-row process environment (glibc huge-page tunable)."""
+"""The benchmark scripts: per-row process environment, target table, per-block timings."""
 
 import importlib.util
 import os
@@ -10,16 +10,17 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _load_train_step_benchmark():
+def _load_benchmark(name: str):
+    """A script of benchmarks/ as a module (the directory is not a package)."""
     spec = importlib.util.spec_from_file_location(
-        "bench_train_step", os.path.join(ROOT, "benchmarks", "train_step.py")
+        f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-bench = _load_train_step_benchmark()
+bench = _load_benchmark("train_step")
 
 
 def test_child_environment_adds_and_removes_the_tunable(monkeypatch):
@@ -85,3 +86,71 @@ def test_every_host_memory_setting_has_reference_figures_and_its_own_table():
         # None: the reference could not run that row under the setting (out of memory).
         assert all(v is None or v > 0 for row in figures.values() for v in row.values())
         assert all(row["eval"] > 0 and row["rss_gib"] > 0 for row in figures.values())
+
+
+def _result(row: str, train_ips: float, eval_ips: float, train_gflop: float, eval_gflop: float):
+    return {
+        "row": row,
+        "model": bench.ROWS[row][0],
+        "batch": bench.ROWS[row][1],
+        "host_memory": "reuse",
+        "compile_s": 1.0,
+        "train_ips": train_ips,
+        "eval_ips": eval_ips,
+        "input_ips": 100.0,
+        "rss_gib": 1.0,
+        "train_gflop_per_img": train_gflop,
+        "eval_gflop_per_img": eval_gflop,
+        "useful_fwd_proj_gflop_per_img": eval_gflop,
+        "train_gflops": train_gflop * train_ips,
+        "eval_gflops": eval_gflop * eval_ips,
+        "train_page_faults_per_step": 0.0,
+        "train_sys_s_per_step": 0.0,
+    }
+
+
+def test_target_table_compares_each_row_with_its_matmul_peak_bound():
+    ref = bench.REFERENCE["reuse"]
+    peak = 200.0
+    a_train = bench.TRAIN_TARGET * ref["cifar_a"]["train"]
+    a_eval = bench.EVAL_TARGET * ref["cifar_a"]["eval"]
+    results = [
+        # Beats both targets.
+        _result("cifar_a", 1.1 * a_train, 1.1 * a_eval, peak / (2 * a_train), peak / (2 * a_eval)),
+        # Misses both; at 100 GFLOP per image even the peak gives 2 img/s, below either target.
+        _result("cifar_b", 1.0, 1.0, 100.0, 100.0),
+        # Misses eval although the bound (peak / 1 GFLOP) is far above its target.
+        _result("imagenet_b", 0.5, 0.5, 1.0, 1.0),
+    ]
+    table = bench._table(results, peak)
+    rows = {
+        line.split(" | ")[0].lstrip("| "): line
+        for line in table.split("Targets")[1].splitlines()
+        if line.startswith("| cifar") or line.startswith("| imagenet")
+    }
+    assert rows["cifar10/mod/rho_psi"].count("| yes |") == 2
+    assert rows["cifar10/mod/linear_plus_rho"].count("no (target above the bound)") == 2
+    assert f"| {2 * a_train:.1f} |" in rows["cifar10/mod/rho_psi"]
+    imagenet = rows["imagenet/mod/linear_plus_rho"]
+    assert "reference out of memory" in imagenet  # no reference train figure under "reuse"
+    assert imagenet.endswith(
+        f"| {bench.EVAL_TARGET * ref['imagenet_b']['eval']:.2f} | 200.0 | no |"
+    )
+    assert bench.peak_bound_ips(100.0, peak) == 2.0
+
+
+def test_block_benchmark_times_every_block_and_sums_them():
+    blocks = _load_benchmark("blocks")
+    rows = blocks.measure_blocks("digits/mod/rho_psi", batch=2, min_runs=1)
+    assert [r["block"] for r in rows] == [0, 1, 2]
+    # Each block is fed the previous block's output (16 -> 16 -> 8 -> 8 pixels).
+    assert [r["input"] for r in rows] == ["16x16x1", "16x16x32c", "8x8x64c"]
+    assert [r["output"] for r in rows] == ["16x16x32c", "8x8x64c", "8x8x64c"]
+    for r in rows:
+        assert 0 < r["fwd_gflop"] < r["fwd_bwd_gflop"]
+        assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+    table = blocks.format_table(rows, peak=100.0)
+    total = table.splitlines()[-1]
+    assert total.startswith("| all |")
+    assert f"| {sum(r['fwd_bwd_ms'] for r in rows):.0f} |" in total
+    assert f"| {sum(r['fwd_bwd_gflop'] for r in rows) * 10:.0f} |" in total  # ms at 100 GFLOP/s
