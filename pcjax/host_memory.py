@@ -6,8 +6,8 @@ returns them with `munmap`, so every step page-faults its whole working set in a
 kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s for ImageNet
 (docs/benchmarks/README.md, "Host memory"). Two settings together remove that cost:
 
-- glibc serves large allocations from its heap and never gives freed memory back
-  (`keep_freed_memory`), so a freed buffer stays mapped for the next allocation;
+- glibc serves large allocations from its heap, from every thread, and never gives freed
+  memory back (`keep_freed_memory`), so a freed buffer stays mapped for the next allocation;
 - the CPU backend runs each computation before the call returns (`synchronous_cpu_dispatch`),
   so a step's temporaries are freed before the next step allocates its own. With asynchronous
   dispatch the next steps allocate while the current one runs, and the heap grows instead.
@@ -26,6 +26,7 @@ import jax
 # mallopt(3) parameters, from glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
+M_ARENA_MAX = -8
 
 
 def synchronous_cpu_dispatch() -> bool:
@@ -49,7 +50,8 @@ def keep_freed_memory() -> bool:
 
     Process-wide and irreversible, so the host's resident memory stays at its peak. Run steps
     one at a time (`synchronous_cpu_dispatch`) so that each finds the last one's buffer free;
-    otherwise the heap grows. Returns False, changing nothing, where the C library is not glibc.
+    otherwise the heap grows. Call it before JAX starts its worker threads (see below).
+    Returns False, changing nothing, where the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(None)  # the C library this process is linked against
@@ -62,7 +64,14 @@ def keep_freed_memory() -> bool:
     mallopt.restype = ctypes.c_int
     # No mmap'd chunks: large requests come from the heap, where a freed chunk is reused.
     # A trim threshold of -1 is SIZE_MAX to glibc: the heap's top is never returned.
-    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, -1) == 1
+    # One arena: a thread that allocates in an arena of its own (XLA:CPU's worker threads do)
+    # gets any request above that arena's 64 MiB heaps mmap'd, whatever M_MMAP_MAX says, and
+    # unmapped again on free. Threads that already have an arena keep it.
+    return (
+        mallopt(M_MMAP_MAX, 0) == 1
+        and mallopt(M_TRIM_THRESHOLD, -1) == 1
+        and mallopt(M_ARENA_MAX, 1) == 1
+    )
 
 
 def reuse_step_memory() -> bool:

@@ -14,9 +14,10 @@ from pcjax import host_memory
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One 256 MiB buffer through libc's malloc, as XLA:CPU allocates a step's temporaries:
-# allocated, touched page by page and freed, three times over.
+# allocated, touched page by page and freed, three times over, on the main thread or on a
+# thread started after the setting (as XLA:CPU's worker threads are).
 _CYCLE = """
-import ctypes, resource, sys
+import ctypes, resource, sys, threading
 sys.path.insert(0, {root!r})
 from pcjax import host_memory
 applied = host_memory.keep_freed_memory() if {keep} else None
@@ -25,12 +26,22 @@ libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 n = 256 * 2**20
 faults = []
-for _ in range(3):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    p = libc.malloc(n)
-    ctypes.memset(p, 1, n)
-    libc.free(p)
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+def cycle():
+    libc.free(libc.malloc(64))  # a thread takes its arena at its first allocation
+    for _ in range(3):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        p = libc.malloc(n)
+        ctypes.memset(p, 1, n)
+        libc.free(p)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+
+if {worker}:
+    t = threading.Thread(target=cycle)
+    t.start()
+    t.join()
+else:
+    cycle()
 print(applied, *faults)
 """
 
@@ -44,11 +55,12 @@ def _run(code: str) -> list[str]:
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's mallopt")
-def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults():
+@pytest.mark.parametrize("worker", [False, True], ids=["main_thread", "worker_thread"])
+def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults(worker):
     """65,536 faults for every fresh 256 MiB mapping; after the first, none once memory is kept."""
-    applied, *fresh = _run(_CYCLE.format(root=ROOT, keep=False))
+    applied, *fresh = _run(_CYCLE.format(root=ROOT, keep=False, worker=worker))
     assert applied == "None" and all(int(f) > 60_000 for f in fresh)
-    applied, first, *again = _run(_CYCLE.format(root=ROOT, keep=True))
+    applied, first, *again = _run(_CYCLE.format(root=ROOT, keep=True, worker=worker))
     assert applied == "True"
     assert int(first) > 60_000  # the heap grows once
     assert all(int(f) < 1_000 for f in again)  # then the same pages serve every round
