@@ -55,16 +55,18 @@ from timing import matmul_peak_gflops  # noqa: E402
 # 3 timed steps after a warm-up, one process per row for the peak RSS.
 # Measured side by side with this script on this 2-core machine, 2026-11-24/25, under the
 # equivalent host-memory setting (keyed by --host-memory): "reuse" ran the reference with
-# GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<SIZE_MAX>, the settings
-# `pcjax.host_memory.keep_freed_memory` makes (eager PyTorch has no asynchronous dispatch to
-# turn off). Allocation speeds the reference up too, so each setting has its own figures.
+# GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<SIZE_MAX>:
+# glibc.malloc.arena_max=1, the settings `pcjax.host_memory.keep_freed_memory` makes (eager
+# PyTorch has no asynchronous dispatch to turn off). Allocation speeds the reference up too,
+# so each setting has its own figures.
 REFERENCE = {
     "reuse": {
-        "cifar_b": {"train": 7.64, "eval": 19.95, "rss_gib": 9.73},
-        "cifar_a": {"train": 10.58, "eval": 24.89, "rss_gib": 6.13},
-        # Its train step was killed for memory on this 24 GiB machine (freed memory is never
-        # returned to the kernel, and its heap outgrew the machine). Peak RSS is the eval's.
-        "imagenet_b": {"train": None, "eval": 1.52, "rss_gib": 5.46},
+        "cifar_b": {"train": 8.46, "eval": 22.39, "rss_gib": 10.75},
+        "cifar_a": {"train": 13.85, "eval": 31.95, "rss_gib": 5.85},
+        # Its train step was killed for memory on this 24 GiB machine (without the arena
+        # setting: freed memory is never returned to the kernel, and its heap outgrew the
+        # machine). Peak RSS is the eval's.
+        "imagenet_b": {"train": None, "eval": 1.59, "rss_gib": 6.44},
     },
     "hugepages": {
         "cifar_b": {"train": 5.08, "eval": 19.49, "rss_gib": 6.09},
