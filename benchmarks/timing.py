@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,8 +101,6 @@ def time_interleaved(
 
 def matmul_peak_gflops(n: int = 4096, calls: int = 10) -> float:
     """Best fp32 n x n matmul throughput of `calls` calls, in GFLOP/s: the benchmarks' roofline."""
-    import jax.numpy as jnp
-
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     t = time_fn(f, a, min_runs=calls, min_time=0.0, max_runs=calls)
