@@ -98,7 +98,7 @@ ROWS = {
 
 
 def peak_bound_ips(gflop_per_img: float, peak_gflops: float) -> float:
-    """Images/s if every executed FLOP ran at the matmul peak: no step of this cost is faster."""
+    """Images/s if every executed FLOP of a step ran at `peak_gflops` (the roofline)."""
     return peak_gflops / gflop_per_img
 
 
@@ -381,8 +381,8 @@ def _table(results: list[dict], peak: float) -> str:
         "Executed: XLA's cost analysis of the compiled programs. Useful: the complex 1x1 "
         "projections counted naively (8 real FLOPs per complex multiply-add, real inputs "
         "promoted to complex as in the reference; a train step counts 3x the forward). "
-        "Bound: the img/s if every executed FLOP ran at the matmul peak, an upper limit for "
-        "these FLOP counts on this machine.",
+        "Bound: the img/s if every executed FLOP ran at that 4096x4096 matmul rate (smaller "
+        "matmuls can run somewhat faster; see docs/benchmarks/README.md).",
         "",
         "Targets (train 4x, eval 3x the side-by-side reference) against the bound:",
         "",
