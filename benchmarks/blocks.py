@@ -31,15 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `timing` when ru
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from timing import compile_fn, matmul_peak_gflops, time_fn  # noqa: E402
+from timing import compile_fn, compiled_flops, matmul_peak_gflops, time_fn  # noqa: E402
 
 from pcjax import host_memory, layers, models  # noqa: E402
-
-
-def _cost_gflop(compiled) -> float:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    return float(cost.get("flops", float("nan"))) / 1e9
 
 
 def measure_blocks(model_name: str, batch: int, min_runs: int) -> list[dict]:
@@ -77,8 +71,8 @@ def measure_blocks(model_name: str, batch: int, min_runs: int) -> list[dict]:
                 "output": "x".join(map(str, y.shape[1:])) + "c",
                 "fwd_ms": t_fwd.median_ms,
                 "fwd_bwd_ms": t_grad.median_ms,
-                "fwd_gflop": _cost_gflop(fwd),
-                "fwd_bwd_gflop": _cost_gflop(grad),
+                "fwd_gflop": compiled_flops(fwd) / 1e9,
+                "fwd_bwd_gflop": compiled_flops(grad) / 1e9,
             }
         )
         print(rows[-1], flush=True)

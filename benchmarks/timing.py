@@ -105,3 +105,10 @@ def matmul_peak_gflops(n: int = 4096, calls: int = 10) -> float:
     f = jax.jit(lambda a: a @ a)
     t = time_fn(f, a, min_runs=calls, min_time=0.0, max_runs=calls)
     return 2 * n**3 / (t.min_ms / 1e3) / 1e9
+
+
+def compiled_flops(compiled: Any) -> float:
+    """FLOPs of a compiled program by XLA's cost analysis (NaN where the backend gives none)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))

@@ -47,7 +47,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # for `timing` when run as a script
-from timing import matmul_peak_gflops  # noqa: E402
+from timing import compiled_flops, matmul_peak_gflops  # noqa: E402
 
 # The authors' PyTorch implementation (PhaseCollapse @ 693647f, unmodified), torch 2.13.0 CPU,
 # 2 threads, random data, one SGD step as its training loop does (momentum 0.9, weight decay
@@ -204,9 +204,7 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     t = time.perf_counter()
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    train_flops = float(cost.get("flops", float("nan"))) / batch
+    train_flops = compiled_flops(compiled) / batch
     # Warm-up: the first steps also settle the host heap (pcjax.host_memory), which can grow
     # once by a whole temporary buffer before every later step reuses it.
     for _ in range(WARMUP_STEPS):
@@ -231,9 +229,7 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
         "mask": sharding.shard_batch({"mask": np.ones(batch, np.float32)}, mesh)["mask"],
     }
     ev_c = ev.lower(state, eval_data).compile()
-    ev_cost = ev_c.cost_analysis()
-    ev_cost = ev_cost[0] if isinstance(ev_cost, list) else ev_cost
-    eval_flops = float(ev_cost.get("flops", float("nan"))) / batch
+    eval_flops = compiled_flops(ev_c) / batch
     jax.block_until_ready(ev_c(state, eval_data))
     times = []
     for _ in range(max(steps, 3)):
