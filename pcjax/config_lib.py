@@ -14,12 +14,10 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from pcjax import filters, models, wavelets
+from pcjax import datasets, filters, models, wavelets
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
-# Datasets of `pcjax.data.DATASETS`, repeated here so validating a config does not import
-# TensorFlow; a test checks the two lists agree.
-DATASET_NAMES = ("imagenet2012", "cifar10", "digits", "digits_canvas")
+DATASET_NAMES = datasets.DATASET_NAMES
 
 
 class ConfigError(ValueError):
@@ -210,7 +208,7 @@ def _check_geometry(config: ml_collections.ConfigDict) -> None:
         return
     kwargs = dict(spec.kwargs)
     widths = config.model.widths or kwargs["widths"]
-    size = config.data.image_size or _default_image_size(config.data.name)
+    size = config.data.image_size or datasets.DATASETS[config.data.name].image_size
     modes = filters.block_filter_modes(len(widths), kwargs["num_standard_blocks"])
     for b, mode in enumerate(modes):
         _require(
@@ -221,10 +219,6 @@ def _check_geometry(config: ml_collections.ConfigDict) -> None:
         )
         size = wavelets.output_size(size, filters.mode_subsamples(mode))
     _require(size >= 1, f"{config.model.name!r} reduces the images to nothing.")
-
-
-def _default_image_size(dataset: str) -> int:
-    return {"imagenet2012": 224, "cifar10": 32, "digits": 16, "digits_canvas": 32}[dataset]
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
