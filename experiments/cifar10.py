@@ -1,6 +1,6 @@
 """CIFAR-10 training of the phase-collapse nets of Tables 1 and 2.
 
-    python experiments/cifar10.py --config=experiments/configs/cifar10.py:cst/linear_plus_rho \
+    python experiments/cifar10.py --config=pcjax/configs/cifar10.py:cst/linear_plus_rho \
         --workdir=workdirs/cifar-cst-b
 """
 
@@ -11,4 +11,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pcjax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    cli.main(os.path.join(os.path.dirname(__file__), "configs", "cifar10.py:mod/rho_psi"))
+    cli.main(
+        os.path.join(os.path.dirname(__file__), "..", "pcjax", "configs", "cifar10.py:mod/rho_psi")
+    )

@@ -1,6 +1,6 @@
 """ImageNet (ILSVRC-2012) training: phase-collapse nets and bias-free ResNet-18 baselines.
 
-    python experiments/imagenet.py --config=experiments/configs/imagenet.py:mod/rho_psi \
+    python experiments/imagenet.py --config=pcjax/configs/imagenet.py:mod/rho_psi \
         --workdir=gs://bucket/pc-imagenet-a --config.data.data_dir=/path/to/tfds
 
 ImageNet must be prepared for TFDS beforehand (manual download). See the config for presets.
@@ -13,4 +13,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pcjax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    cli.main(os.path.join(os.path.dirname(__file__), "configs", "imagenet.py:mod/rho_psi"))
+    cli.main(
+        os.path.join(os.path.dirname(__file__), "..", "pcjax", "configs", "imagenet.py:mod/rho_psi")
+    )

@@ -12,4 +12,4 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from pcjax import cli  # noqa: E402
 
 if __name__ == "__main__":
-    cli.main(os.path.join(os.path.dirname(__file__), "configs", "digits.py"))
+    cli.main(os.path.join(os.path.dirname(__file__), "..", "pcjax", "configs", "digits.py"))

@@ -2,7 +2,7 @@
 
     python experiments/separation.py --workdir=workdirs/separation
 
-trains the same phase-collapse net (experiments/configs/digits_canvas.py) once per
+trains the same phase-collapse net (pcjax/configs/digits_canvas.py) once per
 non-linearity (mod, cst, ms, mc, tanh) on digits pasted at random positions of 32x32 canvases,
 one workdir per non-linearity (`<workdir>/<block_type>/<rho>`, so rerunning the command resumes
 or only re-analyses), then measures class separation at the input and after every block on the
@@ -16,9 +16,7 @@ The logic is `run_separation`, importable from a notebook; `main` only parses fl
 
 from __future__ import annotations
 
-import ast
 import csv
-import importlib.util
 import os
 import shlex
 import sys
@@ -29,12 +27,13 @@ from typing import Any
 
 import numpy as np
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pcjax import analysis, config_lib, data, filters, models, train, wavelets  # noqa: E402
+from pcjax import analysis, config_lib, configs, data, filters, models, train, wavelets  # noqa: E402
+from pcjax.configs import digits_canvas  # noqa: E402
 
-CONFIG_FILE = ROOT / "experiments" / "configs" / "digits_canvas.py"
 DEFAULT_OUTPUT_DIR = ROOT / "docs" / "separation"
 NONLINEARITIES = models.TABLE2_NONLINEARITIES  # ("mod", "cst", "ms", "mc", "tanh")
 ANALYSIS_BATCH_SIZE = 128
@@ -73,22 +72,6 @@ _MD_TABLES = (
     ("test_probe_accuracy", "Linear-probe accuracy, test set", True),
     ("train_probe_accuracy", "Linear-probe accuracy, train set", True),
 )
-
-
-def load_config(preset: str = "default") -> Any:
-    """`get_config(preset)` of experiments/configs/digits_canvas.py (a file, not a package)."""
-    spec = importlib.util.spec_from_file_location("digits_canvas_config", CONFIG_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(preset)
-
-
-def _set_dotted(config: Any, key: str, value: Any) -> None:
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
 
 
 def _batches(
@@ -194,18 +177,17 @@ def run_separation(
     block_type: str = "rho_psi",
     num_epochs: int | None = None,
     *,
-    preset: str = "default",
+    config: Any = None,
     output_dir: str | Path = DEFAULT_OUTPUT_DIR,
     pooling: str | None = None,
     linear_probe: bool = True,
     probe_steps: int = 200,
-    overrides: Mapping[str, Any] | None = None,
     command: str | None = None,
 ) -> list[dict[str, Any]]:
     """Trains one network per non-linearity, measures separation per layer, writes the report.
 
     Every network is "digits_canvas/{rho}/{block_type}" with the same config
-    (experiments/configs/digits_canvas.py `preset`), trained by `pcjax.train.train_and_evaluate`
+    (`config`), trained by `pcjax.train.train_and_evaluate`
     in `workdir/block_type/rho` (resumed if a checkpoint is there), then analysed by
     `analyse_run`.
 
@@ -214,12 +196,12 @@ def run_separation(
         nonlinearities: non-linearities to compare (names of `pcjax.nonlinear`).
         block_type: "rho_psi" or "linear_plus_rho".
         num_epochs: training epochs (None: the config's).
-        preset: config preset ("default" or "smoke").
+        config: the shared config (None: `pcjax.configs.digits_canvas.get_config()`); its
+            model.name is replaced per non-linearity.
         output_dir: where results.md, results.csv and separation_vs_depth.png go.
         pooling: None (flatten each layer) or "mean" (spatial mean first).
         linear_probe: fit linear probes (the slowest part of the analysis).
         probe_steps: L-BFGS iterations per probe.
-        overrides: extra config values by dotted key, e.g. {"train.num_steps": 3}.
         command: the command line to record in results.md (None: a Python call).
 
     Returns:
@@ -229,14 +211,12 @@ def run_separation(
     workdir, output_dir = Path(workdir), Path(output_dir)
     rows: list[dict[str, Any]] = []
     timings: dict[str, tuple[float, float]] = {}
-    config = None
+    base = digits_canvas.get_config() if config is None else config
     for rho in nonlinearities:
-        config = load_config(preset)
+        config = base.copy_and_resolve_references()
         config.model.name = f"digits_canvas/{rho}/{block_type}"
         if num_epochs is not None:
             config.optim.num_epochs = num_epochs
-        for key, value in (overrides or {}).items():
-            _set_dotted(config, key, value)
         run_dir = workdir / block_type / rho
         tick = time.perf_counter()
         eval_metrics = train.train_and_evaluate(config, str(run_dir))
@@ -263,8 +243,7 @@ def run_separation(
     if command is None:
         command = (
             f"run_separation({str(workdir)!r}, nonlinearities={tuple(nonlinearities)!r}, "
-            f"block_type={block_type!r}, num_epochs={num_epochs!r}, preset={preset!r}, "
-            f"pooling={pooling!r}, overrides={dict(overrides or {})!r})"
+            f"block_type={block_type!r}, num_epochs={num_epochs!r}, pooling={pooling!r})"
         )
     output_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, output_dir / "results.csv")
@@ -538,27 +517,14 @@ def _define_flags() -> None:
     flags.DEFINE_list("nonlinearities", list(NONLINEARITIES), "Non-linearities to compare.")
     flags.DEFINE_enum("block_type", "rho_psi", ["rho_psi", "linear_plus_rho"], "Block type.")
     flags.DEFINE_integer("num_epochs", None, "Training epochs (default: the config's).")
-    flags.DEFINE_enum("preset", "default", ["default", "smoke"], "Config preset.")
+    config_flags.DEFINE_config_file(
+        "config",
+        configs.path("digits_canvas") + ":default",
+        "Shared config (file:preset); override fields with --config.<field>=<value>.",
+    )
     flags.DEFINE_string("output_dir", str(DEFAULT_OUTPUT_DIR), "Report directory.")
     flags.DEFINE_enum("pooling", "none", ["none", "mean"], "Feature pooling per layer.")
     flags.DEFINE_bool("linear_probe", True, "Fit a linear probe per layer.")
-    flags.DEFINE_multi_string(
-        "set", [], "Config override key=value (Python literal), e.g. optim.learning_rate=0.05."
-    )
-
-
-def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """["optim.learning_rate=0.05", ...] -> {"optim.learning_rate": 0.05, ...}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects key=value, got {item!r}.")
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value  # a bare string
-    return out
 
 
 def main(argv: Sequence[str]) -> None:
@@ -570,11 +536,10 @@ def main(argv: Sequence[str]) -> None:
         f.nonlinearities,
         f.block_type,
         f.num_epochs,
-        preset=f.preset,
+        config=f.config,
         output_dir=f.output_dir,
         pooling=None if f.pooling == "none" else f.pooling,
         linear_probe=f.linear_probe,
-        overrides=_parse_overrides(f.set),
         command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
     )
 

@@ -1,6 +1,6 @@
 """Experiment configs: the default schema, validation before anything compiles, derived numbers.
 
-Every experiment config (experiments/configs/*.py) starts from `default_config()` and changes a
+Every experiment config (pcjax/configs/*.py) starts from `default_config()` and changes a
 few fields. `validate(config)` re-checks keys, types, ranges, names and divisibility and raises a
 `ConfigError` that names the bad value and the valid choices, so a typo costs seconds, not a
 compile or a queued pod slot.
@@ -66,7 +66,13 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def parse_preset(preset: str, presets: tuple[str, ...]) -> tuple[str, bool]:
-    """Splits "<name>[,smoke]" into (name, smoke); ValueError lists the valid presets."""
+    """Splits "<name>[,smoke]" into (name, smoke); ValueError lists the valid presets.
+
+    The one preset syntax of every config file (`--config=pcjax/configs/<file>.py:<preset>`);
+    "smoke" alone means the first preset, shrunk to a few steps.
+    """
+    if preset == "smoke":
+        preset = f"{presets[0]},smoke"
     name, _, modifier = preset.partition(",")
     if name not in presets or modifier not in ("", "smoke"):
         raise ValueError(

@@ -1,18 +1,9 @@
 """Every experiment preset builds, validates, and states the reference recipe's numbers."""
 
-import os
-import sys
-
 import pytest
 
 from pcjax import config_lib, models
-
-sys.path.insert(
-    0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "experiments", "configs")
-)
-import cifar10  # noqa: E402
-import digits  # noqa: E402
-import imagenet  # noqa: E402
+from pcjax.configs import cifar10, digits, digits_canvas, imagenet
 
 
 @pytest.mark.parametrize("module", [cifar10, imagenet])
@@ -54,7 +45,30 @@ def test_reference_recipes():
     config_lib.validate(digits.get_config(), device_count=8)
 
 
-@pytest.mark.parametrize("module", [cifar10, imagenet, digits])
+@pytest.mark.parametrize("module", [cifar10, imagenet, digits, digits_canvas])
 def test_unknown_preset_names_choices(module):
     with pytest.raises(ValueError, match="valid choices"):
         module.get_config("nope")
+    with pytest.raises(ValueError, match="valid choices"):
+        module.get_config(module.PRESETS[0] + ",fast")
+
+
+@pytest.mark.parametrize("module", [digits, digits_canvas])
+def test_smoke_alone_is_the_first_preset_shrunk(module):
+    assert module.get_config("smoke").to_dict() == module.get_config("default,smoke").to_dict()
+    assert module.get_config("smoke").train.num_steps < 10
+
+
+def test_config_files_load_through_config_flags():
+    from absl import flags
+    from ml_collections import config_flags
+
+    from pcjax import configs
+
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", configs.path("cifar10"), flag_values=fv)
+    fv(["prog", f"--config={configs.path('cifar10')}:cst/linear_plus_rho,smoke"])
+    assert fv.config.model.name == "cifar10/cst/linear_plus_rho"
+    assert fv.config.train.num_steps == 2
+    with pytest.raises(ValueError, match="valid choices"):
+        configs.path("mnist")

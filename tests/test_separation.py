@@ -7,6 +7,8 @@ import os
 
 import pytest
 
+from pcjax.configs import digits_canvas
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -21,18 +23,17 @@ def separation():
 
 def test_run_separation_writes_reports(tmp_path, separation):
     out = tmp_path / "report"
+    config = digits_canvas.get_config("smoke")  # batch 32, tiny widths
+    config.model.widths = (4,)  # one block: 32x32 -> 32x32 (compile time dominates)
+    config.train.num_steps = 2
+    config.train.checkpoint_every_steps = 2
     rows = separation.run_separation(
         tmp_path / "runs",
         ("mod", "cst"),
         "rho_psi",
-        preset="smoke",  # batch 32, tiny widths
+        config=config,
         output_dir=out,
         probe_steps=10,
-        overrides={
-            "model.widths": (4,),  # one block: 32x32 -> 32x32 (compile time dominates)
-            "train.num_steps": 2,
-            "train.checkpoint_every_steps": 2,
-        },
     )
     layers = ["input", "block0"]
     assert [(r["nonlinearity"], r["layer"]) for r in rows] == [

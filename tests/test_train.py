@@ -241,7 +241,7 @@ def _run_cli(script, args, mock=False, timeout=600):
     ],
 )
 def test_cli_end_to_end_on_mock_tfds(tmp_path, script, preset):
-    config = script.replace("experiments/", "experiments/configs/")
+    config = script.replace("experiments/", "pcjax/configs/")
     out = _run_cli(script, [f"--config={config}:{preset}", f"--workdir={tmp_path}"], mock=True)
     assert out.returncode == 0, out.stderr[-4000:]
     assert "eval/top1" in out.stderr and "train/loss" in out.stderr
@@ -253,7 +253,7 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, script, preset):
 def test_sigkill_mid_training_resumes_through_same_command(tmp_path):
     script = "experiments/quickstart.py"
     args = [
-        "--config=experiments/configs/digits.py:smoke",
+        "--config=pcjax/configs/digits.py:smoke",
         f"--workdir={tmp_path}",
         "--config.train.num_steps=100",
         "--config.train.checkpoint_every_steps=5",

@@ -10,7 +10,7 @@ Presets:
     (REFERENCE.md 3.9, 4.2): batch 256, lr 0.1, 90 epochs, lr x0.1 every 30 epochs.
   Append ",smoke" for a 2-step check on tiny widths and 64x64 crops.
 
-    python experiments/imagenet.py --config=experiments/configs/imagenet.py:mod/rho_psi \
+    python experiments/imagenet.py --config=pcjax/configs/imagenet.py:mod/rho_psi \
         --config.data.data_dir=/path/to/tensorflow_datasets --workdir=gs://bucket/imagenet-mod-a
 
 Augmentation: RandomResizedCrop(224) + flip; eval resize 256 + centre crop 224; ImageNet

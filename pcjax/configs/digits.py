@@ -1,7 +1,7 @@
 """Quick start: a phase-collapse network on scikit-learn's bundled handwritten digits (offline).
 
     python experiments/quickstart.py --workdir=workdirs/quickstart
-    python experiments/quickstart.py --config=experiments/configs/digits.py:smoke --workdir=/tmp/q
+    python experiments/quickstart.py --config=pcjax/configs/digits.py:smoke --workdir=/tmp/q
 
 Hardware: 2 CPU cores. The 1,797 8x8 digits are upsampled to 16x16; 1,347 train / 450 test
 (fixed stratified split). Three blocks (factorised filters, L = 8, modulus on the wavelet
@@ -13,9 +13,11 @@ import ml_collections
 
 from pcjax import config_lib
 
+PRESETS = ("default",)  # append ",smoke" (or use "smoke") for a few steps on tiny widths
+
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Presets: "default" (the quick start) and "smoke" (a few steps, for tests)."""
+    """Presets: "default" (the quick start); "default,smoke" or "smoke": a few steps, for tests."""
     cfg = config_lib.default_config()
     cfg.model.name = "digits/mod/rho_psi"
     cfg.data.name = "digits"
@@ -26,11 +28,10 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     cfg.optim.lr_decay_epochs = 10
     cfg.train.log_every_steps = 20
     cfg.train.checkpoint_every_steps = 100
-    if preset == "smoke":
+    _, smoke = config_lib.parse_preset(preset, PRESETS)
+    if smoke:
         cfg.model.widths = (8, 16)
         cfg.train.num_steps = 4
         cfg.train.log_every_steps = 2
         cfg.train.checkpoint_every_steps = 2
-    elif preset != "default":
-        raise ValueError(f"Unknown preset {preset!r}; valid choices: ('default', 'smoke').")
     return cfg

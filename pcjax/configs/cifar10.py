@@ -4,7 +4,7 @@ One preset per run: "<non-linearity>/<block type>", non-linearity in {mod, cst, 
 (Table 2; `mod` rows are Table 1) and block type in {rho_psi, linear_plus_rho} (the reference's
 `skip=True` / `skip=False`). Append ",smoke" for a 2-step check with tiny widths.
 
-    python experiments/cifar10.py --config=experiments/configs/cifar10.py:mod/linear_plus_rho \
+    python experiments/cifar10.py --config=pcjax/configs/cifar10.py:mod/linear_plus_rho \
         --workdir=workdirs/cifar10-mod-linear_plus_rho
 
 Recipe: 8 blocks, L = 4, factorised filters from block 0, widths 64 128 256 512 512 512 512 512,

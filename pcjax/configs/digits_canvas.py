@@ -1,7 +1,8 @@
 """Class-separation experiment: phase-collapse nets on digits pasted on 32x32 canvases (offline).
 
     python experiments/separation.py --workdir=workdirs/separation
-    python experiments/separation.py --workdir=/tmp/s --preset=smoke --nonlinearities=mod,cst
+    python experiments/separation.py --workdir=/tmp/s --nonlinearities=mod,cst \
+        --config=pcjax/configs/digits_canvas.py:smoke
 
 Hardware: 2 CPU cores. scikit-learn's 1,797 8x8 digits, upsampled to 16x16 and pasted at a
 random position (fixed per example) of a blank 32x32 canvas; 1,347 train / 450 test (the
@@ -16,11 +17,11 @@ import ml_collections
 
 from pcjax import config_lib
 
-PRESETS = ("default", "smoke")
+PRESETS = ("default",)  # append ",smoke" (or use "smoke") for tiny widths and a few steps
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
-    """Presets: "default" (the experiment) and "smoke" (tiny widths, a few steps, for tests).
+    """Presets: "default" (the experiment); "smoke": tiny widths, a few steps, for tests.
 
     `model.name` is "digits_canvas/mod/rho_psi"; experiments/separation.py replaces the
     non-linearity (and block type) before training each network.
@@ -38,12 +39,11 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     cfg.train.log_every_steps = 21
     cfg.train.checkpoint_every_steps = 105
     cfg.train.max_checkpoints_to_keep = 1
-    if preset == "smoke":
+    _, smoke = config_lib.parse_preset(preset, PRESETS)
+    if smoke:
         cfg.model.widths = (4, 8)
         cfg.data.global_batch_size = 32
         cfg.train.num_steps = 3
         cfg.train.log_every_steps = 3
         cfg.train.checkpoint_every_steps = 3
-    elif preset != "default":
-        raise ValueError(f"Unknown preset {preset!r}; valid choices: {PRESETS}.")
     return cfg
