@@ -146,10 +146,7 @@ def analyse_run(
         ({"train_top1", "test_top1"} of the network's own classifier,
          {layer: measures of `layerwise_separation`}).
     """
-    spec = models.get_model_spec(config.model.name)
-    model = spec.build(
-        num_classes=data.num_classes(config.data.name), **config_lib.model_kwargs(config)
-    )
+    model = config_lib.build_model(config)
     shape = data.image_shape(config.data.name, config.data.image_size)
     variables = analysis.load_variables_from_workdir(workdir, model, shape)
     splits = data.load_digits_canvas_split(shape[0])
@@ -215,6 +212,7 @@ def run_separation(
     for rho in nonlinearities:
         config = base.copy_and_resolve_references()
         config.model.name = f"digits_canvas/{rho}/{block_type}"
+        config.model.nonlinearity, config.model.block_type = rho, block_type
         if num_epochs is not None:
             config.optim.num_epochs = num_epochs
         run_dir = workdir / block_type / rho
@@ -433,7 +431,7 @@ def write_markdown(
         "",
     ]
     if config is not None:
-        widths = config.model.widths or models.get_model_spec(config.model.name).kwargs["widths"]
+        widths = config.model.widths
         num_steps = config.train.num_steps
         size = config.data.image_size or data.DATASETS[config.data.name].image_size
         chain = " → ".join(str(n) for n in _resolutions(size, len(widths)))

@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from pcjax import datasets, filters, models, wavelets
+from pcjax import datasets, filters, layers, models, nonlinear, wavelets
 
 COMPUTE_DTYPES = ("float32", "bfloat16")
 DATASET_NAMES = datasets.DATASET_NAMES
@@ -29,11 +29,28 @@ def default_config() -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
 
+    # The architecture, field by field; `set_model_preset` fills every field from a registry
+    # name of pcjax.models.MODELS, and each can then be overridden on the command line
+    # (--config.model.num_angles=8). The network is built from these fields (`build_model`).
     cfg.model = ml_collections.ConfigDict()
-    cfg.model.name = "cifar10/mod/rho_psi"  # a key of pcjax.models.MODELS
-    cfg.model.widths = config_dict.placeholder(tuple)  # override the registry's block widths
+    cfg.model.name = ""  # label: the registry preset the fields started from (not read back)
+    cfg.model.arch = "phase_collapse"  # a key of pcjax.models.ARCHS: "phase_collapse" | "resnet18"
+    cfg.model.widths = (1,)  # channels per block (phase_collapse) or per stage (resnet18, 4)
+    cfg.model.nonlinearity = "mod"  # phase_collapse: mod|cst|ms|mc|tanh|pow; resnet18: relu|...
+    # Fields below apply to phase_collapse only.
+    cfg.model.block_type = "rho_psi"  # "rho_psi" | "linear_plus_rho" (REFERENCE.md 2.5)
+    cfg.model.num_angles = 8  # L, wavelet orientations per block
+    cfg.model.full_angles = False  # orientations over 2 pi and slant 8/L (REFERENCE.md 1.3)
+    cfg.model.num_standard_blocks = 0  # blocks with the standard bank before factorised ones
+    # Initial values of the non-linearity's parameters (None: the paper's: cst threshold 0.1,
+    # ms/pow gain 1 and bias 0); allowed only for a non-linearity that has the parameter.
+    cfg.model.threshold_init = config_dict.placeholder(float)
+    cfg.model.gain_init = config_dict.placeholder(float)
+    cfg.model.bias_init = config_dict.placeholder(float)
+    cfg.model.learn_nonlinearity = True  # False: the initial values stay fixed
     cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "auto" (by size; same numbers)
     cfg.model.compute_dtype = "float32"  # dtype of the projection matmul operands
+    set_model_preset(cfg, "cifar10/mod/rho_psi")
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.name = "cifar10"
@@ -63,6 +80,32 @@ def default_config() -> ml_collections.ConfigDict:
     # memory instead of page-faulting fresh memory in (pcjax.host_memory). No effect on GPU/TPU.
     cfg.train.cpu_reuse_step_memory = True
     return cfg
+
+
+NONLINEARITY_PARAMS = ("threshold", "gain", "bias")  # fields `<param>_init` of config.model
+
+
+def set_model_preset(cfg: ml_collections.ConfigDict, name: str) -> None:
+    """Fills every field of `cfg.model` from the registry network `name` (pcjax.models.MODELS).
+
+    Resets the initial values to the paper's (None) and `learn_nonlinearity` to True; keeps
+    `wavelet_method` and `compute_dtype` (how to compute, not what).
+    """
+    spec = models.get_model_spec(name)
+    net = spec.build()  # a dataclass: its fields are the registry's values and the defaults
+    arch = next(a for a, cls in models.ARCHS.items() if cls is spec.module)
+    m = cfg.model
+    m.name, m.arch = name, arch
+    m.widths = tuple(net.widths)
+    m.nonlinearity = net.nonlinearity
+    if arch == "phase_collapse":
+        m.block_type = net.block_type
+        m.num_angles = net.num_angles
+        m.full_angles = net.full_angles
+        m.num_standard_blocks = net.num_standard_blocks
+    for p in NONLINEARITY_PARAMS:
+        m[f"{p}_init"] = None
+    m.learn_nonlinearity = True
 
 
 def parse_preset(preset: str, presets: tuple[str, ...]) -> tuple[str, bool]:
@@ -155,19 +198,8 @@ def validate(
     """
     _check_keys_and_types(config)
     m, d, o, t = config.model, config.data, config.optim, config.train
-    _choice("model.name", m.name, models.MODEL_NAMES)
     _choice("data.name", d.name, DATASET_NAMES)
-    _choice("model.wavelet_method", m.wavelet_method, wavelets.METHODS)
-    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
-    if m.widths is not None:
-        _require(
-            len(m.widths) > 0 and all(isinstance(w, int) and w > 0 for w in m.widths),
-            f"config.model.widths={m.widths!r} must be a non-empty tuple of positive ints.",
-        )
-        _require(
-            not m.name.startswith("resnet18/"),
-            f"config.model.widths is for phase-collapse nets, not {m.name!r}.",
-        )
+    _check_model(m)
     for path, value in [
         ("data.global_batch_size", d.global_batch_size),
         ("data.eval_global_batch_size", d.eval_global_batch_size),
@@ -207,34 +239,104 @@ def validate(
     _check_geometry(config)
 
 
+def _check_model(m: ml_collections.ConfigDict) -> None:
+    """The architecture fields: names, ranges and the combinations that cannot be built."""
+    _choice("model.arch", m.arch, tuple(models.ARCHS))
+    _require(
+        len(m.widths) > 0 and all(isinstance(w, int) and w > 0 for w in m.widths),
+        f"config.model.widths={m.widths!r} must be a non-empty tuple of positive ints.",
+    )
+    if m.arch == "resnet18":
+        _choice("model.nonlinearity", m.nonlinearity, models.RESNET_NONLINEARITIES)
+        _require(
+            len(m.widths) == 4,
+            f"config.model.widths={m.widths!r}: resnet18 has 4 stages, so 4 widths.",
+        )
+        _require(
+            not m.full_angles,
+            "config.model.full_angles=True is for phase_collapse nets, not resnet18.",
+        )
+        for p in NONLINEARITY_PARAMS:
+            _require(
+                m[f"{p}_init"] is None,
+                f"config.model.{p}_init={m[f'{p}_init']!r}: resnet18's non-linearities have no "
+                "configurable initial value (thresh is fixed at 1, as in the reference).",
+            )
+        return
+    _choice("model.nonlinearity", m.nonlinearity, tuple(nonlinear.COMPLEX_NONLINEARITIES))
+    _choice("model.block_type", m.block_type, layers.BLOCK_TYPES)
+    _choice("model.wavelet_method", m.wavelet_method, wavelets.METHODS)
+    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
+    _require(m.num_angles >= 1, f"config.model.num_angles={m.num_angles} must be >= 1.")
+    _require(
+        0 <= m.num_standard_blocks <= len(m.widths),
+        f"config.model.num_standard_blocks={m.num_standard_blocks} must lie in "
+        f"[0, len(config.model.widths)={len(m.widths)}].",
+    )
+    modes = filters.block_filter_modes(len(m.widths), m.num_standard_blocks)
+    slant = filters.default_slant(m.num_angles, m.full_angles)
+    _require(
+        "factorized_odd" not in modes or slant < 2,
+        f"config.model.num_angles={m.num_angles} with config.model.full_angles="
+        f"{m.full_angles} gives slant {slant:g}; the factorised odd wavelet needs a slant < 2, "
+        f"so num_angles > {4 if m.full_angles else 2}.",
+    )
+    params = nonlinear.COMPLEX_NONLINEARITIES[m.nonlinearity]
+    for p in NONLINEARITY_PARAMS:
+        value = m[f"{p}_init"]
+        if value is None:
+            continue
+        _require(
+            p in params,
+            f"config.model.{p}_init={value!r}: config.model.nonlinearity={m.nonlinearity!r} has "
+            f"no {p}; non-linearities with one: "
+            f"{tuple(n for n, ps in nonlinear.COMPLEX_NONLINEARITIES.items() if p in ps)}.",
+        )
+        _require(
+            p != "threshold" or value >= 0,
+            f"config.model.threshold_init={value} must be >= 0.",
+        )
+
+
 def _check_geometry(config: ml_collections.ConfigDict) -> None:
     """Every block of a phase-collapse net must see at least 3x3 pixels (reflect padding)."""
-    spec = models.get_model_spec(config.model.name)
-    if spec.module is not models.PhaseCollapseNet:
+    m = config.model
+    if m.arch != "phase_collapse":
         return
-    kwargs = dict(spec.kwargs)
-    widths = config.model.widths or kwargs["widths"]
     size = config.data.image_size or datasets.DATASETS[config.data.name].image_size
-    modes = filters.block_filter_modes(len(widths), kwargs["num_standard_blocks"])
+    modes = filters.block_filter_modes(len(m.widths), m.num_standard_blocks)
     for b, mode in enumerate(modes):
         _require(
             size >= 3,
-            f"Block {b} of {config.model.name!r} would see a {size}x{size} "
+            f"Block {b} of config.model.widths={tuple(m.widths)} would see a {size}x{size} "
             f"input (< 3x3): use fewer blocks (config.model.widths) or larger "
             f"images (config.data.image_size).",
         )
         size = wavelets.output_size(size, filters.mode_subsamples(mode))
-    _require(size >= 1, f"{config.model.name!r} reduces the images to nothing.")
+    _require(size >= 1, f"config.model.widths={tuple(m.widths)} reduces the images to nothing.")
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Constructor overrides for `pcjax.models.build_model` implied by the config."""
-    spec = models.get_model_spec(config.model.name)
-    if spec.module is not models.PhaseCollapseNet:
-        return {}
-    kwargs: dict[str, Any] = {"wavelet_method": config.model.wavelet_method}
-    if config.model.widths is not None:
-        kwargs["widths"] = tuple(config.model.widths)
-    if config.model.compute_dtype != "float32":
-        kwargs["compute_dtype"] = config.model.compute_dtype
-    return kwargs
+    """Constructor arguments of `pcjax.models.ARCHS[config.model.arch]`, all but num_classes."""
+    m = config.model
+    if m.arch == "resnet18":
+        return {"widths": tuple(m.widths), "nonlinearity": m.nonlinearity}
+    init = {p: m[f"{p}_init"] for p in NONLINEARITY_PARAMS if m[f"{p}_init"] is not None}
+    return {
+        "widths": tuple(m.widths),
+        "num_angles": m.num_angles,
+        "full_angles": m.full_angles,
+        "num_standard_blocks": m.num_standard_blocks,
+        "block_type": m.block_type,
+        "nonlinearity": m.nonlinearity,
+        "nonlinearity_init": init or None,
+        "learn_nonlinearity": m.learn_nonlinearity,
+        "wavelet_method": m.wavelet_method,
+        "compute_dtype": None if m.compute_dtype == "float32" else m.compute_dtype,
+    }
+
+
+def build_model(config: ml_collections.ConfigDict) -> Any:
+    """The network of `config.model` for `config.data`'s classes (validate the config first)."""
+    cls = models.ARCHS[config.model.arch]
+    return cls(num_classes=datasets.DATASETS[config.data.name].num_classes, **model_kwargs(config))

@@ -63,14 +63,33 @@ def morlet_2d(
     return wave - (wave.sum() / envelope.sum()) * envelope
 
 
-def angles(L: int) -> np.ndarray:
-    """Orientations theta_k = (int(L - L/2 - 1) - k) * pi / L, k = 0..L-1 (half-plane tiling)."""
-    return (int(L - L / 2 - 1) - np.arange(L)) * np.pi / L
+def angles(L: int, full_angles: bool = False) -> np.ndarray:
+    """Orientations theta_k = (int(L - L/2 - 1) - k) * A / L, k = 0..L-1 (REFERENCE.md 1.3).
+
+    A = pi (the paper's runs: the wavelets tile a half-plane of frequencies) or, with
+    `full_angles`, A = 2 pi (the whole plane: theta and theta + pi are both present for even L).
+    """
+    max_angle = 2 * np.pi if full_angles else np.pi
+    return (int(L - L / 2 - 1) - np.arange(L)) * max_angle / L
 
 
-def default_slant(L: int) -> float:
-    """Envelope aspect ratio 4 / L: 0.5 for L = 8, 1 (isotropic) for L = 4."""
-    return 4.0 / L
+def default_slant(L: int, full_angles: bool = False) -> float:
+    """Envelope aspect ratio 4 / L (0.5 for L = 8, 1 for L = 4), or 8 / L with `full_angles`.
+
+    Both give the same angular spacing per unit of slant: full angles spread L filters over
+    twice the angle, so each envelope is twice as wide across its orientation.
+    """
+    return (8.0 if full_angles else 4.0) / L
+
+
+def odd_slant(s: float) -> float:
+    """Slant sqrt(3 s^2 / (4 - s^2)) of the factorised odd wavelet psi_3/2; needs s < 2."""
+    if not 0 < s < 2:
+        raise ValueError(
+            f"slant {s} has no factorised odd wavelet (needs 0 < s < 2: more angles, L > 4 with "
+            "full angles, L > 2 without)."
+        )
+    return math.sqrt(3 * s**2 / (4 - s**2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,13 +133,15 @@ def _check_mode(mode: str) -> None:
         raise ValueError(f"Unknown filter mode {mode!r}; valid choices: {FILTER_MODES}.")
 
 
-def filter_specs(L: int, mode: str, scales_per_octave: int = 1) -> tuple[FilterSpec, ...]:
+def filter_specs(
+    L: int, mode: str, scales_per_octave: int = 1, full_angles: bool = False
+) -> tuple[FilterSpec, ...]:
     """The wavelets (theta-minor within each scale) then the low-pass of a bank (REFERENCE.md 1.3).
 
     Modes: "standard" (Morlet sigma = 0.8 * 2^j, xi = 3pi/4 / 2^j for j in {0, 1/S, ..}, low-pass
     sigma 0.8, subsamples), "factorized_even" (psi_1: sigma 0.8, xi 3pi/4; low-pass phi_1/2 of
     sigma 0.8/sqrt 2; no subsampling), "factorized_odd" (psi_3/2: sigma 0.8 sqrt(3/2), xi pi/sqrt 2,
-    slant sqrt(3 s^2 / (4 - s^2)); low-pass phi_1/2; subsamples).
+    slant sqrt(3 s^2 / (4 - s^2)); low-pass phi_1/2; subsamples). `full_angles`: see `angles`.
     """
     _check_mode(mode)
     if L < 1:
@@ -129,8 +150,8 @@ def filter_specs(L: int, mode: str, scales_per_octave: int = 1) -> tuple[FilterS
         raise ValueError(
             f"scales_per_octave={scales_per_octave}: must be >= 1, and 1 for factorized banks."
         )
-    s = default_slant(L)
-    thetas = angles(L)
+    s = default_slant(L, full_angles)
+    thetas = angles(L, full_angles)
     if mode == "standard":
         scales = [
             (SIGMA0 * 2**j, XI0 / 2**j, s) for j in np.arange(scales_per_octave) / scales_per_octave
@@ -140,7 +161,7 @@ def filter_specs(L: int, mode: str, scales_per_octave: int = 1) -> tuple[FilterS
         scales = [(SIGMA0, XI0, s)]
         lowpass = FilterSpec("gabor", SIGMA0 / math.sqrt(2), 0.0, 0.0, 1.0)
     else:
-        scales = [(SIGMA0 * math.sqrt(1.5), np.pi / math.sqrt(2), math.sqrt(3 * s**2 / (4 - s**2)))]
+        scales = [(SIGMA0 * math.sqrt(1.5), np.pi / math.sqrt(2), odd_slant(s))]
         lowpass = FilterSpec("gabor", SIGMA0 / math.sqrt(2), 0.0, 0.0, 1.0)
     wavelets = [
         FilterSpec("morlet", float(sigma), float(theta), float(xi), float(slant))
@@ -157,7 +178,9 @@ def mode_subsamples(mode: str) -> bool:
 
 
 @functools.lru_cache(maxsize=128)
-def filter_bank(P: int, Q: int, L: int, mode: str, scales_per_octave: int = 1) -> FilterBank:
+def filter_bank(
+    P: int, Q: int, L: int, mode: str, scales_per_octave: int = 1, full_angles: bool = False
+) -> FilterBank:
     """Builds a bank on a P x Q grid: spatial filters and the real part of their DFT (float32).
 
     The reference keeps only the real part of `fft2` of each periodised spatial filter; the
@@ -166,7 +189,7 @@ def filter_bank(P: int, Q: int, L: int, mode: str, scales_per_octave: int = 1) -
     """
     if P < 2 or Q < 2 or P % 2 or Q % 2:
         raise ValueError(f"Padded grid must be even and >= 2 in each axis, got {P}x{Q}.")
-    specs = filter_specs(L, mode, scales_per_octave)
+    specs = filter_specs(L, mode, scales_per_octave, full_angles)
     psi = np.stack([morlet_2d(P, Q, f.sigma, f.theta, f.xi, f.slant) for f in specs[:-1]])
     low = specs[-1]
     phi = gabor_2d(P, Q, low.sigma, low.theta, low.xi, low.slant)

@@ -185,6 +185,7 @@ class PhaseCollapseBlock(nn.Module):
     features: int
     num_angles: int
     filter_mode: str
+    full_angles: bool = False
     block_type: str = "rho_psi"
     nonlinearity: str = "mod"
     nonlinearity_init: Mapping[str, float] | None = None
@@ -213,7 +214,7 @@ class PhaseCollapseBlock(nn.Module):
                 f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
             )
         phi, psi = wavelets.wavelet_transform(
-            x, self.num_angles, self.filter_mode, self.wavelet_method
+            x, self.num_angles, self.filter_mode, self.wavelet_method, full_angles=self.full_angles
         )
         if self.block_type == "rho_psi":
             parts = [phi, self._rho(psi)]

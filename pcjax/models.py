@@ -4,6 +4,9 @@ bias-free ResNet-18 baselines, each buildable by one registry name.
 Registry names are "<dataset>/<non-linearity>/<block type>" for phase-collapse nets, e.g.
 "cifar10/mod/rho_psi", "imagenet/mod/linear_plus_rho", "cifar10/cst/linear_plus_rho", and
 "resnet18/<non-linearity>" for the baselines, e.g. "resnet18/thresh". See `MODEL_NAMES`.
+A registry name is a preset: experiment configs copy its constructor fields into `config.model`
+(`pcjax.config_lib.set_model_preset`), where each can be changed, and build the network from
+those fields (`pcjax.config_lib.build_model`); `ARCHS` maps `config.model.arch` to the class.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class PhaseCollapseNet(nn.Module):
     widths: Sequence[int]
     num_classes: int
     num_angles: int = 8
+    full_angles: bool = False
     num_standard_blocks: int = 0
     block_type: str = "rho_psi"
     nonlinearity: str = "mod"
@@ -45,6 +49,7 @@ class PhaseCollapseNet(nn.Module):
             dict(
                 features=width,
                 num_angles=self.num_angles,
+                full_angles=self.full_angles,
                 filter_mode=mode,
                 block_type=self.block_type,
                 nonlinearity=self.nonlinearity,
@@ -232,6 +237,8 @@ def _resnet_specs() -> dict[str, ModelSpec]:
 
 MODELS: dict[str, ModelSpec] = {**_phase_collapse_specs(), **_resnet_specs()}
 MODEL_NAMES = tuple(MODELS)
+# `config.model.arch` -> network class.
+ARCHS: dict[str, type[nn.Module]] = {"phase_collapse": PhaseCollapseNet, "resnet18": ResNet18}
 
 
 def get_model_spec(name: str) -> ModelSpec:

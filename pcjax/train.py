@@ -32,7 +32,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
-from pcjax import checkpoint, config_lib, host_memory, metrics, models, sharding
+from pcjax import checkpoint, config_lib, host_memory, metrics, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -235,10 +235,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     os.makedirs(workdir, exist_ok=True)
     eval_batch = config.data.eval_global_batch_size or config.data.global_batch_size
 
-    spec = models.get_model_spec(config.model.name)
-    model = spec.build(
-        num_classes=data.num_classes(config.data.name), **config_lib.model_kwargs(config)
-    )
+    model = config_lib.build_model(config)
     image_shape = data.image_shape(config.data.name, config.data.image_size)
     steps_per_epoch, num_steps, eval_every = _steps(
         config, data.num_train_examples(config.data.name, config.data.data_dir)

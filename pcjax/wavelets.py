@@ -52,13 +52,17 @@ def output_size(m: int, subsample: bool) -> int:
     return mp // 2 - 2 if subsample else mp - 4
 
 
-def bank_for_input(h: int, w: int, num_angles: int, mode: str) -> filters.FilterBank:
+def bank_for_input(
+    h: int, w: int, num_angles: int, mode: str, full_angles: bool = False
+) -> filters.FilterBank:
     """The filter bank on the padded grid of an h x w input."""
     if h < 3 or w < 3:
         raise ValueError(
             f"Wavelet transform needs inputs of at least 3x3 pixels (reflect padding), got {h}x{w}."
         )
-    return filters.filter_bank(padded_size(h), padded_size(w), num_angles, mode)
+    return filters.filter_bank(
+        padded_size(h), padded_size(w), num_angles, mode, full_angles=full_angles
+    )
 
 
 @jax.custom_vjp
@@ -119,7 +123,9 @@ def _fft_transform(x: jax.Array, bank: filters.FilterBank) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=64)
-def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
+def spatial_operator(
+    h: int, w: int, num_angles: int, mode: str, full_angles: bool = False
+) -> np.ndarray:
     """Dense matrix of the whole transform, complex64[h * w, h' * w' * (K + 1)].
 
     Output columns are ordered (h', w', k) with k = 0 the low-pass and k = 1 + theta the
@@ -129,7 +135,7 @@ def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
     pipeline (pad, FFT, filter, fold, inverse FFT, crop), so `x @ M` equals the "fft" method
     up to float32 round-off.
     """
-    bank = bank_for_input(h, w, num_angles, mode)
+    bank = bank_for_input(h, w, num_angles, mode, full_angles)
     eye = np.eye(h * w).reshape(h * w, h, w)
     xp = np.pad(eye, ((0, 0), pad_widths(h), pad_widths(w)), mode="reflect")
     hat = np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).astype(np.float64)
@@ -146,10 +152,12 @@ def spatial_operator(h: int, w: int, num_angles: int, mode: str) -> np.ndarray:
     return m
 
 
-def _spatial_transform(x: jax.Array, bank: filters.FilterBank, num_angles: int, mode: str):
+def _spatial_transform(
+    x: jax.Array, bank: filters.FilterBank, num_angles: int, mode: str, full_angles: bool = False
+):
     """Dense spatial path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
     b, h, w, c = x.shape
-    m = spatial_operator(h, w, num_angles, mode)
+    m = spatial_operator(h, w, num_angles, mode, full_angles)
     n_out = m.shape[1]
     ho, wo = output_size(h, bank.subsample), output_size(w, bank.subsample)
     # [Re M, Im M] side by side: one real matmul per real input plane, so a complex input costs
@@ -185,6 +193,7 @@ def wavelet_coefficients(
     mode: str,
     method: Method = "fft",
     guard_gradients: bool = True,
+    full_angles: bool = False,
 ) -> jax.Array:
     """All K + 1 coefficients of one block in one angle-major array.
 
@@ -194,6 +203,7 @@ def wavelet_coefficients(
         mode: filter mode, one of `pcjax.filters.FILTER_MODES`.
         method: "fft", "spatial" (dense operator) or "auto" (by size); same numbers either way.
         guard_gradients: zero NaN/Inf cotangents flowing into `x` (as the reference does).
+        full_angles: orientations over 2 pi instead of pi (`pcjax.filters.angles`).
 
     Returns:
         complex64[batch, h', w', K + 1, c]: index 0 of axis -2 is the low-pass phi * U, index
@@ -202,11 +212,11 @@ def wavelet_coefficients(
     """
     _check_input(x)
     _, h, w, _ = x.shape
-    bank = bank_for_input(h, w, num_angles, mode)
+    bank = bank_for_input(h, w, num_angles, mode, full_angles)
     if guard_gradients:
         x = zero_nonfinite_grad(x)
     if choose_method(h, w, method) == "spatial":
-        return _spatial_transform(x, bank, num_angles, mode)
+        return _spatial_transform(x, bank, num_angles, mode, full_angles)
     return _fft_transform(x, bank)
 
 
@@ -216,6 +226,7 @@ def wavelet_transform(
     mode: str,
     method: Method = "fft",
     guard_gradients: bool = True,
+    full_angles: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Low-pass and wavelet coefficients of one block, in the reference's channel order.
 
@@ -225,5 +236,5 @@ def wavelet_transform(
         phi: [batch, h', w', c], real if `x` is real, else complex64.
         psi: complex64[batch, h', w', c * L], channel index c * L + angle.
     """
-    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients)
+    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients, full_angles)
     return _split_outputs(y, real_input=not jnp.iscomplexobj(x))

@@ -116,7 +116,7 @@ def test_registered_models_and_geometry():
     assert len(names) == 10
     cfg = config_lib.default_config()
     cfg.data.name = "digits_canvas"
-    cfg.model.name = "digits_canvas/tanh/linear_plus_rho"
+    config_lib.set_model_preset(cfg, "digits_canvas/tanh/linear_plus_rho")
     config_lib.validate(cfg)
     spec = models.get_model_spec("digits_canvas/mod/rho_psi")
     assert spec.image_shape == (SIZE, SIZE, 1)

@@ -42,10 +42,13 @@ def _oracle_morlet(P, Q, sigma, theta, xi, slant=1.0):
     return g_xi - g_xi.sum() / g_0.sum() * g_0
 
 
-def _oracle_params(L, mode):
-    """(thetas, wavelet (sigma, xi, slant), low-pass sigma, subsample) of REFERENCE.md 1.3."""
-    thetas = [(L // 2 - 1 - k) * np.pi / L for k in range(L)]  # even L only
-    s = 4.0 / L
+def _oracle_params(L, mode, full_angles=False):
+    """(thetas, wavelet (sigma, xi, slant), low-pass sigma, subsample) of REFERENCE.md 1.3.
+
+    Full angles: max_angle 2 pi instead of pi and slant 8 / L instead of 4 / L.
+    """
+    max_angle, s = (2 * np.pi, 8.0 / L) if full_angles else (np.pi, 4.0 / L)
+    thetas = [(L // 2 - 1 - k) * max_angle / L for k in range(L)]  # even L only
     if mode == "standard":
         return thetas, (0.8, 3 * np.pi / 4, s), 0.8, True
     if mode == "factorized_even":
@@ -56,9 +59,9 @@ def _oracle_params(L, mode):
     raise AssertionError(mode)
 
 
-def _oracle_bank(P, Q, L, mode):
+def _oracle_bank(P, Q, L, mode, full_angles=False):
     """Spatial filters [psi(theta_0..theta_{L-1}), phi] and their Fourier real parts (float64)."""
-    thetas, (sigma, xi, slant), sigma_low, _ = _oracle_params(L, mode)
+    thetas, (sigma, xi, slant), sigma_low, _ = _oracle_params(L, mode, full_angles)
     psi = np.stack([_oracle_morlet(P, Q, sigma, t, xi, slant) for t in thetas])
     phi = _oracle_gabor(P, Q, sigma_low, 0.0, 0.0, 1.0)
     return psi, phi, np.fft.fft2(psi).real, np.fft.fft2(phi).real
@@ -81,11 +84,27 @@ def test_angles_L4():
     assert filters.default_slant(4) == 1.0
 
 
-@pytest.mark.parametrize("L", [4, 8])
+def test_full_angles_L16_and_L8():
+    # REFERENCE.md 1.3 with full_angles: theta_k = (L/2 - 1 - k) 2 pi / L, slant 8 / L.
+    want = np.pi / 8 * np.arange(7, -9, -1)  # 7pi/8, 6pi/8, ..., -pi
+    np.testing.assert_allclose(filters.angles(16, full_angles=True), want, rtol=0, atol=1e-15)
+    assert filters.default_slant(16, full_angles=True) == 0.5
+    want = np.pi / 4 * np.array([3, 2, 1, 0, -1, -2, -3, -4])
+    np.testing.assert_allclose(filters.angles(8, full_angles=True), want, rtol=0, atol=1e-15)
+    assert filters.default_slant(8, full_angles=True) == 1.0
+    # The odd factorised slant sqrt(3 s^2 / (4 - s^2)) needs s < 2: none for 4 full angles.
+    assert filters.filter_specs(16, "factorized_odd", full_angles=True)[0].slant == (
+        pytest.approx(math.sqrt(0.2), rel=1e-14)
+    )
+    with pytest.raises(ValueError, match="slant 2.0"):
+        filters.filter_specs(4, "factorized_odd", full_angles=True)
+
+
+@pytest.mark.parametrize("L,full_angles", [(4, False), (8, False), (8, True), (16, True)])
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
-def test_filter_specs_match_reference_table(L, mode):
-    thetas, (sigma, xi, slant), sigma_low, subsample = _oracle_params(L, mode)
-    specs = filters.filter_specs(L, mode)
+def test_filter_specs_match_reference_table(L, full_angles, mode):
+    thetas, (sigma, xi, slant), sigma_low, subsample = _oracle_params(L, mode, full_angles)
+    specs = filters.filter_specs(L, mode, full_angles=full_angles)
     assert len(specs) == L + 1
     for k, spec in enumerate(specs[:-1]):
         assert spec.kind == "morlet"
@@ -157,6 +176,37 @@ def test_filter_bank_matches_oracle(grid, L, mode):
     for got, want in ((bank.psi_hat, psi_hat), (bank.phi_hat, phi_hat)):
         err = np.abs(got.astype(np.float64) - want).max()
         assert err <= 1e-6 * np.abs(want).max(), err
+
+
+@pytest.mark.parametrize("grid,L", [((12, 20), 8), ((36, 36), 16), ((20, 12), 6)])
+@pytest.mark.parametrize("mode", filters.FILTER_MODES)
+def test_full_angle_bank_matches_oracle(grid, L, mode):
+    P, Q = grid
+    psi, phi, psi_hat, phi_hat = _oracle_bank(P, Q, L, mode, full_angles=True)
+    bank = filters.filter_bank(P, Q, L, mode, full_angles=True)
+    assert bank.psi.shape == (L, P, Q)
+    err = np.abs(np.asarray(bank.psi) - psi).max()
+    assert err <= 1e-12 * np.abs(psi).max(), err
+    err = np.abs(bank.psi_hat.astype(np.float64) - psi_hat).max()
+    assert err <= 1e-6 * np.abs(psi_hat).max(), err
+    np.testing.assert_array_equal(bank.phi_hat, filters.filter_bank(P, Q, L, mode).phi_hat)
+
+
+@pytest.mark.parametrize("L", [8, 16])
+def test_full_angles_cover_both_half_planes(L):
+    """theta_{k + L/2} = theta_k - pi flips u and v, so psi_{k + L/2} = conj(psi_k) in space:
+    each full-angle wavelet has its mirror at -omega (the half-angle bank has none)."""
+    P = Q = 20
+    bank = filters.filter_bank(P, Q, L, "factorized_even", full_angles=True)
+    half = L // 2
+    np.testing.assert_allclose(bank.psi[half:], np.conj(bank.psi[:half]), rtol=0, atol=1e-13)
+    flip = lambda a: np.roll(a[..., ::-1, ::-1], 1, axis=(-2, -1))  # noqa: E731  a(-omega)
+    np.testing.assert_allclose(bank.psi_hat[half:], flip(bank.psi_hat[:half]), atol=1e-6)
+    # The peak of each mirrored wavelet sits at minus the other's peak frequency.
+    for k in range(half):
+        a = np.unravel_index(np.argmax(bank.psi_hat[k]), (P, Q))
+        b = np.unravel_index(np.argmax(bank.psi_hat[k + half]), (P, Q))
+        assert ((a[0] + b[0]) % P, (a[1] + b[1]) % Q) == (0, 0)
 
 
 @pytest.mark.parametrize("grid,L", [((12, 20), 8), ((36, 36), 4), ((116, 116), 8)])
@@ -261,3 +311,19 @@ def test_odd_or_empty_grid_raises_with_value(grid):
 def test_bad_block_count_raises_with_value():
     with pytest.raises(ValueError, match="num_standard_blocks=5"):
         filters.block_filter_modes(3, 5)
+
+
+@pytest.mark.parametrize("method", ["fft", "spatial"])
+def test_full_angles_reach_the_wavelet_transform(method):
+    """On a real image, mirrored full-angle wavelets give conjugate coefficients (both methods)."""
+    import jax
+
+    from pcjax import wavelets
+
+    x = np.asarray(jax.random.normal(jax.random.key(3), (2, 12, 12, 1)))
+    L = 8
+    _, psi = wavelets.wavelet_transform(x, L, "factorized_odd", method, full_angles=True)
+    psi = np.asarray(psi)  # [b, h', w', c * L], channel c * L + angle
+    np.testing.assert_allclose(psi[..., L // 2 :], np.conj(psi[..., : L // 2]), atol=1e-5)
+    _, half = wavelets.wavelet_transform(x, L, "factorized_odd", method)
+    assert np.abs(psi - np.asarray(half)).max() > 1e-2  # a different bank really was used

@@ -18,10 +18,9 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pcjax import config_lib, data, metrics, models, sharding, train
+from pcjax.configs import digits as digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
-import digits as digits_config  # noqa: E402
 
 TINY = (4, 8)
 
@@ -196,7 +195,7 @@ def test_non_finite_loss_stops_with_clear_error(tmp_path):
         (lambda c: c.optim.__setattr__("momentum", 1.5), "momentum=1.5"),
         (lambda c: c.data.__setattr__("global_batch_size", 12), "divisible by the device count 8"),
         (lambda c: c.data.__setattr__("name", "mnist"), "'mnist'.*valid choices"),
-        (lambda c: c.model.__setattr__("name", "cifar10/relu/rho_psi"), "valid choices"),
+        (lambda c: c.model.__setattr__("nonlinearity", "relu"), "nonlinearity.*valid choices"),
         (lambda c: c.model.__setattr__("wavelet_method", "dct"), "'dct'.*valid choices"),
         (lambda c: c.model.__setattr__("widths", (8,) * 7), "2x2"),
     ],

@@ -19,7 +19,7 @@ PRESETS = ("default",)  # append ",smoke" (or use "smoke") for a few steps on ti
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the quick start); "default,smoke" or "smoke": a few steps, for tests."""
     cfg = config_lib.default_config()
-    cfg.model.name = "digits/mod/rho_psi"
+    config_lib.set_model_preset(cfg, "digits/mod/rho_psi")
     cfg.data.name = "digits"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128

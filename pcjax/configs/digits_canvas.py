@@ -27,7 +27,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     non-linearity (and block type) before training each network.
     """
     cfg = config_lib.default_config()
-    cfg.model.name = "digits_canvas/mod/rho_psi"
+    config_lib.set_model_preset(cfg, "digits_canvas/mod/rho_psi")
     cfg.data.name = "digits_canvas"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128
