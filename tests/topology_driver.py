@@ -3,10 +3,10 @@
     python tests/topology_driver.py --process_id=P --num_processes=N --local_devices=D \
         --coordinator=127.0.0.1:PORT --workdir=DIR --num_steps=S [--dump_batches=K]
 
-Joins the other processes with `jax.distributed.initialize` (explicit arguments), then either
-writes the first K global training batches (gathered from every process) to DIR/batches.npz
-(process 0), or trains the tiny digits config to step S through `train.train_and_evaluate`,
-resuming from DIR's checkpoint if there is one.
+Joins the other processes with `jax.distributed.initialize` (explicit arguments), writes the
+first K global training batches (gathered from every process) to DIR/batches.npz (process 0),
+then trains the tiny digits config to step S through `train.train_and_evaluate`, resuming from
+DIR's checkpoint if there is one.
 """
 
 import argparse
@@ -72,7 +72,7 @@ def main() -> None:
         batches.close()
         if jax.process_index() == 0:
             np.savez(os.path.join(args.workdir, "batches.npz"), **out)
-    else:
+    if args.num_steps:
         train.train_and_evaluate(config, args.workdir)
 
 
