@@ -298,6 +298,20 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
         )
 
 
+def validate_data(config: ml_collections.ConfigDict) -> None:
+    """Checks that `config.data` names a prepared dataset (TFDS: array_record); `ConfigError`.
+
+    Opens the splits without reading a record; the error carries the command that prepares
+    the dataset. Imports TensorFlow, so it is separate from `validate`.
+    """
+    from pcjax import input_pipeline
+
+    try:
+        input_pipeline.check_prepared(config.data.name, config.data.data_dir)
+    except input_pipeline.DataNotPreparedError as error:
+        raise ConfigError(f"config.data.name={config.data.name!r}: {error}") from error
+
+
 def _check_geometry(config: ml_collections.ConfigDict) -> None:
     """Every block of a phase-collapse net must see at least 3x3 pixels (reflect padding)."""
     m = config.model

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax.numpy as jnp
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -186,3 +188,17 @@ def num_eval_batches(num_examples: int, per_process_batch: int, process_count: i
     """
     busiest = max(process_example_counts(num_examples, process_count))
     return max(1, math.ceil(busiest / per_process_batch))
+
+
+def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+    """On-device input normalisation: uint8 pixels -> `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`.
+
+    CIFAR-10 and ImageNet batches arrive as uint8 (the authors normalise CIFAR-10 with the
+    ImageNet statistics too, REFERENCE.md §7.6); float batches (the digits sets, already
+    standardised on the host) pass through unchanged. The dtype decides, statically under jit.
+    """
+    if images.dtype != jnp.uint8:
+        return images
+    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+    std = jnp.asarray(IMAGENET_STD, jnp.float32)
+    return (images.astype(jnp.float32) / 255.0 - mean) / std

@@ -1,32 +1,74 @@
-"""Input pipelines: per-process training streams and exact, padded evaluation passes.
+"""Input pipelines: one global stream per seed on any topology, O(1) resume, device prefetch.
 
-Each process yields per-process batches of `global_batch_size // process_count` examples;
-turning those into global jax arrays is the caller's job. Evaluation streams are exact: every
-example once, the last batch padded with zero images that carry `mask == 0`, and the same number
-of batches on every process so that all processes run the same number of collective steps.
+Training. `IndexSampler` fixes the global batch of every step from (seed, step) alone: the
+example indices of step s are `permutation(seed, epoch)[pos : pos + B]` with
+`epoch = s // steps_per_epoch`, `pos = (s % steps_per_epoch) * B` and
+`steps_per_epoch = num_examples // B`; each epoch is one pass over the training set in a fresh
+permutation and its last `num_examples % B` examples of that permutation are dropped (they are
+seen in other epochs, where the permutation places them elsewhere). Process p of P materialises
+rows `p * B / P : (p + 1) * B / P` of that global batch, so 2 processes x 4 devices see the
+same images, labels and order as 1 x 8, and a run resumed on another topology continues the same
+stream. Augmentation randomness is keyed on (seed, step, position in the global batch), never on
+the process. The input state is the step (checkpointed with the TrainState): creating the stream
+at step k reads only the records of steps k, k+1, ... (random access; nothing is replayed).
+
+Sources. TFDS datasets (cifar10, imagenet2012) are read with `tfds.data_source` from the
+`array_record` file format; `check_prepared` says how to prepare them if they are missing or
+in another format. The digits sets are NumPy arrays in memory. A record that cannot be read is
+reported with its shard file and index.
+
+Executor (chosen by measurement, docs/benchmarks/input_pipeline.md): a NumPy index sampler and
+batched random-access reads inside a tf.data graph (`tf.numpy_function` per step), then the TF
+per-example preprocessing of `pcjax.preprocessing` in a parallel, order-preserving map. This is
+the issue-permitted "tf.data with index shuffling" design rather than Grain (Grain 0.2.18 does
+install on Python 3.11 but would add a dependency for the same sampler; tf.data already gives
+the parallel map our TF preprocessing needs).
+
+Wire format. CIFAR-10 and ImageNet batches leave the host as uint8 (a quarter of float32's bytes)
+and are normalised on the device (`datasets.normalize_images`, called at the top of the train
+and eval steps). The digits sets stay float32: their upsampled, standardised pixels are not
+integers, so uint8 would not be exact. `DevicePrefetcher` keeps batches already on the devices
+(`jax.make_array_from_process_local_data`) so the step does not wait on the host transfer.
+
+Evaluation stays exact: process p reads its contiguous share of the evaluation split, the last
+batch padded with zero images that carry `mask == 0`, and every process yields the same number
+of batches so that all processes run the same number of collective steps.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_datasets as tfds
 
 from pcjax import preprocessing, toy_data
 from pcjax.datasets import (
     image_shape,
     num_eval_batches,
     per_process_batch_size,
+    process_example_counts,
     resolve_image_size,
     spec,
 )
 
 Example = dict[str, tf.Tensor]
-# Training shuffle buffers, in examples (encoded JPEGs for ImageNet); default: the whole split.
-_SHUFFLE_BUFFER = {"imagenet2012": 10_000}
+DEFAULT_DATA_DIR = "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
+
+
+class DataNotPreparedError(ValueError):
+    """A TFDS dataset is missing from the data directory or not in the array_record format."""
+
+
+class RecordReadError(IOError):
+    """A record of a prepared dataset could not be read or decoded."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Processes and seeds.
 
 
 def _resolve_processes(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -42,12 +84,9 @@ def _resolve_processes(process_index: int | None, process_count: int | None) -> 
     return process_index, process_count
 
 
-
-def _process_seed(seed: int, process_index: int) -> int:
-    """Derives a 32-bit seed per process so processes shuffle and augment independently."""
+def _check_seed(seed: int) -> None:
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}.")
-    return int(np.random.SeedSequence([seed, process_index]).generate_state(1)[0])
 
 
 def _dataset_options() -> tf.data.Options:
@@ -57,102 +96,232 @@ def _dataset_options() -> tf.data.Options:
     return options
 
 
-
-def _tfds_split_size(builder: tfds.core.DatasetBuilder, split: str, default: int) -> int:
-    """Returns the split size recorded by a prepared dataset, else the documented size."""
-    splits = builder.info.splits
-    if split in splits and splits[split].num_examples > 0:
-        return splits[split].num_examples
-    return default
+# ------------------------------------------------------------------------------------------------
+# The global index sampler.
 
 
-def num_train_examples(name: str, data_dir: str | None = None) -> int:
-    """Returns the number of training examples of dataset `name` (over all processes).
+class IndexSampler:
+    """The global example indices of each training step, a function of (seed, step) only.
 
-    Args:
-        name: dataset name, a key of `DATASETS`.
-        data_dir: TFDS data directory; when the dataset is prepared there its recorded split size
-            is used, otherwise the size in `DATASETS`.
-
-    Raises:
-        ValueError: for an unknown dataset name.
+    Step s of epoch e = s // steps_per_epoch takes `permutation(seed, e)[pos : pos + B]`,
+    `pos = (s % steps_per_epoch) * B`; the permutation is NumPy's
+    `default_rng([seed, e]).permutation(num_examples)`, built once per epoch (O(N) integers, not
+    O(N) record reads) and kept for the current and previous epoch.
     """
-    dataset = spec(name)
-    if not dataset.tfds:
-        return len(toy_data.load_split(name, dataset.train_split, dataset.image_size)[1])
-    return _tfds_split_size(
-        tfds.builder(name, data_dir=data_dir), dataset.train_split, dataset.num_train_examples
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int):
+        _check_seed(seed)
+        if global_batch_size < 1 or num_examples < global_batch_size:
+            raise ValueError(
+                f"global_batch_size={global_batch_size} must be in [1, num_examples="
+                f"{num_examples}] (an epoch holds at least one full batch)."
+            )
+        self.num_examples = num_examples
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        self.steps_per_epoch = num_examples // global_batch_size
+        self._permutations: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """Returns int64[num_examples], the visiting order of `epoch`."""
+        with self._lock:
+            if epoch not in self._permutations:
+                rng = np.random.default_rng([self.seed, epoch])
+                self._permutations = {
+                    e: p for e, p in self._permutations.items() if e == epoch - 1
+                }
+                self._permutations[epoch] = rng.permutation(self.num_examples)
+            return self._permutations[epoch]
+
+    def global_indices(self, step: int) -> np.ndarray:
+        """Returns int64[B], the example indices of the global batch of `step`, in order."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}.")
+        epoch, within = divmod(step, self.steps_per_epoch)
+        pos = within * self.global_batch_size
+        return self.permutation(epoch)[pos : pos + self.global_batch_size]
+
+    def process_rows(self, process_index: int, process_count: int) -> slice:
+        """Rows of the global batch that process `process_index` of `process_count` materialises."""
+        local = per_process_batch_size(self.global_batch_size, process_count)
+        return slice(process_index * local, (process_index + 1) * local)
+
+
+# ------------------------------------------------------------------------------------------------
+# Random-access sources.
+
+
+class ArraySource:
+    """An in-memory random-access source over NumPy arrays (the digits sets)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.images[index], "label": self.labels[index]}
+
+
+def _prepare_command(name: str, data_dir: str | None) -> str:
+    target = data_dir or DEFAULT_DATA_DIR
+    flag = f" --data_dir={data_dir}" if data_dir else ""
+    build = f"tfds build {name} --file_format=array_record{flag}"
+    if name != "imagenet2012":
+        return f"Prepare it once (downloads ~160 MB) with:\n    {build}"
+    manual = f"{data_dir or '~/tensorflow_datasets'}/downloads/manual"
+    return (
+        "ImageNet needs a manual download: register at https://image-net.org, download "
+        f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual}/, then run:\n"
+        f"    {build} --manual_dir={manual}\n(data directory: {target})"
     )
 
 
+def _tfds_decoders(name: str) -> dict[str, Any] | None:
+    import tensorflow_datasets as tfds
 
-def _digits_dataset(
-    split: str, image_size: int, process_index: int, process_count: int, name: str = "digits"
-) -> tf.data.Dataset:
-    images, labels = toy_data.load_split(name, split, image_size)
-    ds = tf.data.Dataset.from_tensor_slices({"image": images, "label": labels})
-    return ds.shard(process_count, process_index)
+    # ImageNet JPEGs stay encoded so the training crop decodes only the pixels it keeps.
+    return {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
+
+
+def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Any]:
+    """Returns a random-access source of split `split` of `name` (`len`, `source[i]`).
+
+    Raises:
+        DataNotPreparedError: a TFDS dataset missing or not prepared as array_record, with the
+            exact command that prepares it.
+    """
+    dataset = spec(name)
+    if not dataset.tfds:
+        return ArraySource(*toy_data.load_split(name, split))
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        return builder.as_data_source(split=split, decoders=_tfds_decoders(name))
+    except Exception as error:  # any failure to open is reported with the fix
+        raise DataNotPreparedError(
+            f"Dataset {name!r} (split {split!r}) is not prepared in the array_record format in "
+            f"data_dir={data_dir or DEFAULT_DATA_DIR}: {type(error).__name__}: {error}\n"
+            f"{_prepare_command(name, data_dir)}"
+        ) from error
+
+
+def check_prepared(name: str, data_dir: str | None = None) -> None:
+    """Opens both splits of `name` (no record is read); raises DataNotPreparedError if it fails."""
+    dataset = spec(name)
+    if dataset.tfds:
+        for split in (dataset.train_split, dataset.eval_split):
+            open_source(name, split, data_dir)
+
+
+def _locate(source: Any, index: int) -> str:
+    """Names the shard file and in-file position of record `index` of a TFDS data source."""
+    try:
+        instructions = source.dataset_info.splits[source.split].file_instructions
+    except Exception:  # not a TFDS source, or no file layout recorded
+        return f"record {index}"
+    offset = 0
+    for instruction in instructions:
+        if index < offset + instruction.take:
+            return f"record {instruction.skip + index - offset} of {instruction.filename}"
+        offset += instruction.take
+    return f"record {index} (beyond the {offset} records of the split)"
+
+
+def read_records(source: Any, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """Reads `indices` from `source` one record at a time; a failure names file and index.
+
+    One `source[i]` per record (TFDS's mocked data sources implement only that).
+    """
+    records = []
+    for index in indices:
+        index = int(index)
+        try:
+            records.append(source[index])
+        except Exception as error:
+            raise RecordReadError(
+                f"Cannot read {_locate(source, index)} (example {index} of {source!r}): "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    return records
+
+
+def _stack(records: list[dict[str, Any]], name: str, image_spec: tf.TensorSpec) -> tuple:
+    """Stacks records into (images, labels) NumPy arrays of the pipeline's record dtypes."""
+    if image_spec.dtype == tf.string:
+        images = np.array([bytes(r["image"]) for r in records], dtype=object)
+    else:
+        images = np.zeros((0, *image_spec.shape[1:]), image_spec.dtype.as_numpy_dtype)
+        if records:
+            images = np.stack([r["image"] for r in records]).astype(images.dtype, copy=False)
+    labels = np.array([r["label"] for r in records], np.int32)
+    return images, labels
+
+
+def _record_spec(name: str, image_size: int) -> tf.TensorSpec:
+    """Shape and dtype of a batch of records as read (before preprocessing)."""
+    if name == "imagenet2012":
+        return tf.TensorSpec([None], tf.string)
+    if name == "cifar10":
+        return tf.TensorSpec([None, 32, 32, 3], tf.uint8)
+    return tf.TensorSpec([None, *image_shape(name, image_size)], tf.float32)
+
+
+def _read_op(
+    read: Callable[[int], tuple], name: str, image_size: int
+) -> Callable[[tf.Tensor], Example]:
+    """Wraps a NumPy `read(key) -> (images, labels, positions)` as a tf.data map function."""
+    image_spec = _record_spec(name, image_size)
+
+    def op(key: tf.Tensor) -> Example:
+        images, labels, positions = tf.numpy_function(
+            read, [key], [image_spec.dtype, tf.int32, tf.int64], stateful=False
+        )
+        images.set_shape(image_spec.shape)
+        labels.set_shape([None])
+        positions.set_shape([None])
+        return {"image": images, "label": labels, "position": positions}
+
+    return op
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-example preprocessing.
+
+
+def _train_image_fn(name: str, image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
+    if name == "imagenet2012":
+        return lambda image, seed: preprocessing.imagenet_train_preprocess(image, seed, image_size)
+    if name == "cifar10":
+        return preprocessing.cifar_train_preprocess
+    if name == "digits_canvas":
+        return lambda image, seed: image  # no augmentation: the placements are the variability
+    padding = image_size // 8
+    fill_value = toy_data.digits_background_value(image_size)
+    return lambda image, seed: preprocessing.pad_and_random_crop(image, padding, seed, fill_value)
+
+
+def _eval_image_fn(name: str, image_size: int) -> Callable[[tf.Tensor], tf.Tensor]:
+    if name == "imagenet2012":
+        return lambda image: preprocessing.imagenet_eval_preprocess(image, image_size)
+    if name == "cifar10":
+        return preprocessing.cifar_eval_preprocess
+    return lambda image: image  # digits: already standardised by `toy_data`
 
 
 # ------------------------------------------------------------------------------------------------
 # Pipelines.
 
 
-def _tfds_decoders(name: str) -> dict[str, Any] | None:
-    # ImageNet JPEGs stay encoded so the training crop decodes only the pixels it keeps.
-    return {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
-
-
-def _train_preprocess_fn(name: str, image_size: int) -> Callable[[Example, tf.Tensor], Example]:
-    if name == "imagenet2012":
-
-        def image_fn(image, seed):
-            return preprocessing.imagenet_train_preprocess(image, seed, image_size)
-
-    elif name == "cifar10":
-        image_fn = preprocessing.cifar_train_preprocess
-    elif name == "digits_canvas":
-
-        def image_fn(image, seed):
-            del seed  # no augmentation: the fixed placements are the variability studied
-            return image
-
-    else:
-        padding = image_size // 8
-        fill_value = toy_data.digits_background_value(image_size)
-
-        def image_fn(image, seed):
-            return preprocessing.pad_and_random_crop(image, padding, seed, fill_value)
-
-    def preprocess(example: Example, seed: tf.Tensor) -> Example:
-        return {
-            "image": image_fn(example["image"], seed),
-            "label": tf.cast(example["label"], tf.int32),
-        }
-
-    return preprocess
-
-
-def _eval_preprocess_fn(name: str, image_size: int) -> Callable[[Example], Example]:
-    if name == "imagenet2012":
-
-        def image_fn(image):
-            return preprocessing.imagenet_eval_preprocess(image, image_size)
-
-    elif name == "cifar10":
-        image_fn = preprocessing.cifar_eval_preprocess
-    else:
-
-        def image_fn(image):
-            return image  # Already standardised by `load_digits_split`.
-
-    def preprocess(example: Example) -> Example:
-        return {
-            "image": image_fn(example["image"]),
-            "label": tf.cast(example["label"], tf.int32),
-        }
-
-    return preprocess
+def num_train_examples(name: str, data_dir: str | None = None) -> int:
+    """Returns the number of training examples of `name` (the prepared split's, for TFDS)."""
+    dataset = spec(name)
+    if not dataset.tfds:
+        return dataset.num_train_examples
+    return len(open_source(name, dataset.train_split, data_dir))
 
 
 def create_train_dataset(
@@ -165,91 +334,68 @@ def create_train_dataset(
     process_index: int | None = None,
     process_count: int | None = None,
     start_step: int = 0,
+    source: Any = None,
 ) -> tf.data.Dataset:
-    """Returns this process's infinite, shuffled, augmented stream of training batches.
+    """Returns this process's infinite stream of its rows of the global training batches.
 
-    Each process reads a disjoint, equal-sized slice of the training split
-    (`tfds.split_for_jax_process(..., drop_remainder=True)`, or `Dataset.shard` for digits),
-    shuffles it with a seed derived from (`seed`, process index) and draws each example's
-    augmentation from a stateless seed keyed on its position in the stream, so the stream is
-    reproducible. Prepared TFDS data is required: nothing is downloaded.
+    Batch k of the stream is this process's slice of `IndexSampler(...).global_indices(
+    start_step + k)`, read from `source`, augmented with the stateless seed
+    (seed, global position) where the global position of row r of step s is `s * B + r`.
+    Creating it reads nothing; each step reads only its own records.
 
     Args:
-        name: dataset name, a key of `DATASETS`.
+        name: dataset name, a key of `datasets.DATASETS`.
         global_batch_size: examples per step over all processes.
-        seed: non-negative base seed for shuffling and augmentation.
+        seed: non-negative seed of the permutations and augmentations.
         data_dir: TFDS data directory (`None`: the TFDS default).
         image_size: output side length (`None`: the dataset default; CIFAR-10 only allows 32).
         process_index: this process (`None`: `jax.process_index()`).
         process_count: number of processes (`None`: `jax.process_count()`).
-        start_step: batches to skip, so a resumed run sees exactly the batches an uninterrupted
-            one would. Skipped examples are read but neither decoded nor augmented.
+        start_step: first step of the stream (resume).
+        source: random-access source of the training split (`None`: `open_source(...)`).
 
     Returns:
-        A dataset of dicts {"image": float32[b, h, w, c], "label": int32[b]} with
-        b = global_batch_size // process_count; it never ends.
+        A dataset of dicts {"image": uint8 (CIFAR-10, ImageNet) or float32 (digits)
+        [b, h, w, c], "label": int32[b]} with b = global_batch_size // process_count.
 
     Raises:
-        ValueError: for an unknown dataset, an unsupported image size, a negative seed, bad
-            process arguments, or a global batch not divisible by the process count.
+        ValueError: for an unknown dataset, an unsupported image size, a negative seed or step,
+            bad process arguments, or a global batch not divisible by the process count.
+        DataNotPreparedError: a TFDS dataset that is not prepared as array_record.
     """
     dataset = spec(name)
     size = resolve_image_size(name, image_size)
     process_index, process_count = _resolve_processes(process_index, process_count)
-    batch_size = per_process_batch_size(global_batch_size, process_count)
-    process_seed = _process_seed(seed, process_index)
+    per_process_batch_size(global_batch_size, process_count)
+    _check_seed(seed)
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}.")
     preprocessing.hide_accelerators_from_tf()
+    if source is None:
+        source = open_source(name, dataset.train_split, data_dir)
+    sampler = IndexSampler(len(source), global_batch_size, seed)
+    rows = sampler.process_rows(process_index, process_count)
+    image_spec = _record_spec(name, size)
 
-    if not dataset.tfds:
-        ds = _digits_dataset(dataset.train_split, size, process_index, process_count, name)
-    else:
-        split = tfds.split_for_jax_process(
-            dataset.train_split,
-            process_index=process_index,
-            process_count=process_count,
-            drop_remainder=True,
-        )
-        ds = tfds.builder(name, data_dir=data_dir).as_dataset(
-            split=split,
-            shuffle_files=True,
-            decoders=_tfds_decoders(name),
-            read_config=tfds.ReadConfig(shuffle_seed=process_seed, skip_prefetch=True),
-        )
-        if name == "cifar10":  # the decoded training split fits in host memory
-            ds = ds.cache()
+    def read(step: np.ndarray) -> tuple:
+        step = int(step)
+        indices = sampler.global_indices(step)[rows]
+        images, labels = _stack(read_records(source, indices), name, image_spec)
+        positions = step * global_batch_size + np.arange(rows.start, rows.stop, dtype=np.int64)
+        return images, labels, positions
 
-    preprocess = _train_preprocess_fn(name, size)
-    seed_tensor = tf.constant(process_seed, tf.int64)
+    image_fn = _train_image_fn(name, size)
+    seed_tensor = tf.constant(seed, tf.int64)
 
-    def augment(index: tf.Tensor, example: Example) -> Example:
-        return preprocess(example, tf.stack([seed_tensor, index]))
+    def augment(example: Example) -> Example:
+        image = image_fn(example["image"], tf.stack([seed_tensor, example["position"]]))
+        return {"image": image, "label": example["label"]}
 
-    buffer = _SHUFFLE_BUFFER.get(name, dataset.num_train_examples)
-    ds = ds.repeat().shuffle(buffer, seed=process_seed)
-    ds = ds.enumerate()
-    if start_step:
-        if start_step < 0:
-            raise ValueError(f"start_step must be >= 0, got {start_step}.")
-        ds = ds.skip(start_step * batch_size)  # before `map`: no decoding of skipped examples
+    ds = tf.data.Dataset.range(start_step, np.iinfo(np.int64).max)
+    ds = ds.map(_read_op(read, name, size), num_parallel_calls=2).unbatch()
     ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(rows.stop - rows.start, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     return ds.with_options(_dataset_options())
-
-
-def _pad_to_batches(
-    ds: tf.data.Dataset, num_batches: int, batch_size: int, shape: tuple[int, int, int]
-) -> tf.data.Dataset:
-    """Appends masked zero examples so that `ds` fills exactly `num_batches` full batches."""
-    real = ds.map(lambda ex: {**ex, "mask": tf.constant(1.0, tf.float32)})
-    padding = tf.data.Dataset.from_tensors(
-        {
-            "image": tf.zeros(shape, tf.float32),
-            "label": tf.constant(0, tf.int32),
-            "mask": tf.constant(0.0, tf.float32),
-        }
-    ).repeat()
-    ds = real.concatenate(padding).take(num_batches * batch_size)
-    return ds.batch(batch_size, drop_remainder=True)
 
 
 def create_eval_dataset(
@@ -260,59 +406,147 @@ def create_eval_dataset(
     image_size: int | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    source: Any = None,
 ) -> tuple[tf.data.Dataset, int]:
     """Returns this process's single pass over its share of the evaluation split, padded.
 
-    The processes split the evaluation set without dropping anything
-    (`tfds.split_for_jax_process(..., drop_remainder=False)`, or `Dataset.shard` for digits).
-    Every process yields `num_eval_batches(...)` full batches: real examples with `mask == 1`,
-    then zero images with label 0 and `mask == 0`. Dividing masked counts by the returned total
-    gives exact accuracy, and all processes take part in the same number of steps.
+    Process p reads the contiguous examples `sum(counts[:p]) : sum(counts[:p + 1])` with
+    `counts = process_example_counts(n, process_count)` (the split of
+    `tfds.split_for_jax_process(..., drop_remainder=False)`). Every process yields
+    `num_eval_batches(...)` full batches: real examples with `mask == 1`, then zero images with
+    label 0 and `mask == 0`. Dividing masked counts by the returned total gives exact accuracy.
 
     Args:
-        name: dataset name, a key of `DATASETS`.
+        name: dataset name, a key of `datasets.DATASETS`.
         global_batch_size: examples per step over all processes.
         data_dir: TFDS data directory (`None`: the TFDS default).
         image_size: output side length (`None`: the dataset default; CIFAR-10 only allows 32).
         process_index: this process (`None`: `jax.process_index()`).
         process_count: number of processes (`None`: `jax.process_count()`).
+        source: random-access source of the evaluation split (`None`: `open_source(...)`).
 
     Returns:
-        (dataset, num_examples): a finite dataset of dicts {"image": float32[b, h, w, c],
-        "label": int32[b], "mask": float32[b]} with b = global_batch_size // process_count, and
-        the number of real examples in the evaluation split over all processes.
+        (dataset, num_examples): a finite dataset of dicts {"image": [b, h, w, c] (dtype as in
+        `create_train_dataset`), "label": int32[b], "mask": float32[b]} with
+        b = global_batch_size // process_count, and the number of real examples in the split.
 
     Raises:
         ValueError: for an unknown dataset, an unsupported image size, bad process arguments,
             or a global batch not divisible by the process count.
+        DataNotPreparedError: a TFDS dataset that is not prepared as array_record.
     """
     dataset = spec(name)
     size = resolve_image_size(name, image_size)
     process_index, process_count = _resolve_processes(process_index, process_count)
     batch_size = per_process_batch_size(global_batch_size, process_count)
     preprocessing.hide_accelerators_from_tf()
+    if source is None:
+        source = open_source(name, dataset.eval_split, data_dir)
+    num_examples = len(source)
+    counts = process_example_counts(num_examples, process_count)
+    first = sum(counts[:process_index])
+    image_spec = _record_spec(name, size)
 
-    if not dataset.tfds:
-        num_examples = len(toy_data.load_split(name, dataset.eval_split, size)[1])
-        ds = _digits_dataset(dataset.eval_split, size, process_index, process_count, name)
-    else:
-        builder = tfds.builder(name, data_dir=data_dir)
-        num_examples = _tfds_split_size(builder, dataset.eval_split, dataset.num_eval_examples)
-        split = tfds.split_for_jax_process(
-            dataset.eval_split,
-            process_index=process_index,
-            process_count=process_count,
-            drop_remainder=False,
-        )
-        ds = builder.as_dataset(
-            split=split,
-            shuffle_files=False,
-            decoders=_tfds_decoders(name),
-            read_config=tfds.ReadConfig(skip_prefetch=True),
-        )
+    def read(indices: np.ndarray) -> tuple:
+        images, labels = _stack(read_records(source, indices), name, image_spec)
+        return images, labels, indices.astype(np.int64)
 
-    ds = ds.map(_eval_preprocess_fn(name, size), num_parallel_calls=tf.data.AUTOTUNE)
+    image_fn = _eval_image_fn(name, size)
+
+    def preprocess(example: Example) -> Example:
+        image = image_fn(example["image"])
+        return {"image": image, "label": example["label"], "mask": tf.constant(1.0)}
+
+    real = tf.data.Dataset.range(first, first + counts[process_index]).batch(batch_size)
+    real = real.map(_read_op(read, name, size)).unbatch()
+    real = real.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    shape = image_shape(name, size)
+    dtype = tf.uint8 if dataset.tfds else tf.float32
+    padding = tf.data.Dataset.from_tensors(
+        {
+            "image": tf.zeros(shape, dtype),
+            "label": tf.constant(0, tf.int32),
+            "mask": tf.constant(0.0, tf.float32),
+        }
+    ).repeat()
     num_batches = num_eval_batches(num_examples, batch_size, process_count)
-    ds = _pad_to_batches(ds, num_batches, batch_size, image_shape(name, size))
-    ds = ds.prefetch(tf.data.AUTOTUNE).with_options(_dataset_options())
-    return ds, num_examples
+    ds = real.concatenate(padding).take(num_batches * batch_size)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    return ds.with_options(_dataset_options()), num_examples
+
+
+# ------------------------------------------------------------------------------------------------
+# Device-side prefetch and the trainer's entry point.
+
+
+class DevicePrefetcher:
+    """Iterates global, device-resident batches, keeping `size` of them ahead on the devices.
+
+    A background thread turns each per-process host batch into a global array sharded over the
+    mesh's batch axis (`sharding.shard_batch`); an error in the thread is raised by `__next__`.
+    """
+
+    _DONE = object()
+
+    def __init__(self, host_batches: Iterator[dict[str, np.ndarray]], mesh: Any, size: int = 2):
+        from pcjax import sharding
+
+        if size < 1:
+            raise ValueError(f"size must be >= 1, got {size}.")
+        self._queue: queue.Queue = queue.Queue(maxsize=size)
+        self._stop = threading.Event()
+
+        def fill():
+            try:
+                for batch in host_batches:
+                    item = sharding.shard_batch(batch, mesh)
+                    while not self._put(item):
+                        if self._stop.is_set():
+                            return
+                self._put_final(self._DONE)
+            except BaseException as error:  # handed to the consumer
+                self._put_final(error)
+
+        self._thread = threading.Thread(target=fill, daemon=True, name="device-prefetch")
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        try:
+            self._queue.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            return False
+
+    def _put_final(self, item: Any) -> None:
+        while not self._stop.is_set() and not self._put(item):
+            pass
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        item = self._queue.get()
+        if item is self._DONE:
+            self._queue.put(item)
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._queue.put(item)
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the background thread (it exits within its next 0.5 s put timeout)."""
+        self._stop.set()
+
+
+def create_train_iterator(config: Any, start_step: int, mesh: Any) -> DevicePrefetcher:
+    """The trainer's training input: global batches of steps `start_step, ...`, on the devices."""
+    host = create_train_dataset(
+        config.data.name,
+        global_batch_size=config.data.global_batch_size,
+        seed=config.seed,
+        data_dir=config.data.data_dir,
+        image_size=config.data.image_size,
+        start_step=start_step,
+    )
+    return DevicePrefetcher(host.as_numpy_iterator(), mesh)

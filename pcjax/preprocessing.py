@@ -1,8 +1,12 @@
 """Per-example image preprocessing in TensorFlow: the augmentations of REFERENCE.md §4.
 
 Pure functions of one example and a stateless seed, used by `pcjax.input_pipeline` inside
-tf.data maps. TF runs on the host CPU only: `hide_accelerators_from_tf` runs before any pipeline
-is built, so TF never takes GPU memory or TPU cores from JAX.
+tf.data maps. CIFAR-10 and ImageNet images come out as uint8 in [0, 255] (the resized ImageNet
+crops rounded to the nearest level, as torchvision's PIL resize does before `ToTensor`); the
+normalisation by the ImageNet mean and std runs on the device (`datasets.normalize_images`).
+`normalize` is its host-side TF twin, kept for tests and the benchmark of the former pipeline.
+TF runs on the host CPU only: `hide_accelerators_from_tf` runs before any pipeline is built, so
+TF never takes GPU memory or TPU cores from JAX.
 """
 
 from __future__ import annotations
@@ -129,11 +133,11 @@ def random_resized_crop_window(
 def imagenet_train_preprocess(
     encoded_jpeg: tf.Tensor, seed: tf.Tensor, image_size: int = 224
 ) -> tf.Tensor:
-    """RandomResizedCrop, random horizontal flip and normalisation of one ImageNet JPEG.
+    """RandomResizedCrop and random horizontal flip of one ImageNet JPEG, as uint8.
 
     Only the crop window is decoded (`decode_and_crop_jpeg`). The resize is bilinear with
-    antialiasing, which approximates PIL's bilinear filter used by torchvision 0.9; unlike
-    torchvision the resized crop is not rounded to uint8 before scaling to [0, 1].
+    antialiasing, which approximates PIL's bilinear filter used by torchvision 0.9; like
+    torchvision the resized crop is rounded to uint8.
 
     Args:
         encoded_jpeg: string scalar, a JPEG file.
@@ -141,18 +145,18 @@ def imagenet_train_preprocess(
         image_size: side of the square output.
 
     Returns:
-        float32[image_size, image_size, 3], normalised.
+        uint8[image_size, image_size, 3].
     """
     crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
     window = random_resized_crop_window(tf.image.extract_jpeg_shape(encoded_jpeg), crop_seed)
     image = tf.image.decode_and_crop_jpeg(encoded_jpeg, window, channels=3)
     image = tf.image.resize(image, [image_size, image_size], method="bilinear", antialias=True)
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    return normalize(image / 255.0)
+    return _round_to_uint8(image)
 
 
 def imagenet_eval_preprocess(encoded_jpeg: tf.Tensor, image_size: int = 224) -> tf.Tensor:
-    """Resize(256) of the shorter side, CenterCrop(224) and normalisation of one ImageNet JPEG.
+    """Resize(256) of the shorter side and CenterCrop(224) of one ImageNet JPEG, as uint8.
 
     Sizes and crop offsets follow torchvision 0.9 (`int()` truncation of the longer side, centre
     offsets rounded half-to-even); the resize is antialiased bilinear, close to PIL's.
@@ -163,7 +167,7 @@ def imagenet_eval_preprocess(encoded_jpeg: tf.Tensor, image_size: int = 224) -> 
             `round(image_size * 256 / 224)`.
 
     Returns:
-        float32[image_size, image_size, 3], normalised.
+        uint8[image_size, image_size, 3].
     """
     resize_size = round(image_size * IMAGENET_EVAL_RESIZE_RATIO)
     image = tf.image.decode_jpeg(encoded_jpeg, channels=3)
@@ -178,7 +182,7 @@ def imagenet_eval_preprocess(encoded_jpeg: tf.Tensor, image_size: int = 224) -> 
     left = tf.cast(tf.round(tf.cast(new_w - image_size, tf.float64) / 2), tf.int32)
     image = image[top : top + image_size, left : left + image_size]
     image = tf.ensure_shape(image, [image_size, image_size, 3])
-    return normalize(image / 255.0)
+    return _round_to_uint8(image)
 
 
 def pad_and_random_crop(
@@ -190,41 +194,46 @@ def pad_and_random_crop(
     axis, so the content moves by up to `padding` pixels and the uncovered border is `fill_value`.
 
     Args:
-        image: float32[h, w, c] with static h and w.
+        image: [h, w, c] with static h and w, any numeric dtype.
         padding: pixels added on each side.
         seed: int32 or int64[2] stateless seed.
-        fill_value: value of the padded border.
+        fill_value: value of the padded border (cast to the image's dtype).
 
     Returns:
-        float32[h, w, c].
+        [h, w, c], the dtype of `image`.
     """
     height, width = image.shape[0], image.shape[1]
     padded = tf.pad(
-        image, [[padding, padding], [padding, padding], [0, 0]], constant_values=fill_value
+        image,
+        [[padding, padding], [padding, padding], [0, 0]],
+        constant_values=tf.cast(fill_value, image.dtype),
     )
     offset = tf.random.stateless_uniform([2], seed, 0, 2 * padding + 1, dtype=tf.int32)
     return tf.slice(padded, tf.concat([offset, [0]], axis=0), [height, width, image.shape[2]])
 
 
 def cifar_train_preprocess(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-    """RandomHorizontalFlip, RandomCrop(32, padding=4, zero fill) and normalisation.
+    """RandomHorizontalFlip and RandomCrop(32, padding=4, zero fill) of a uint8 image.
 
-    The zero padding is applied in [0, 1] pixel space, before normalisation, as in the original.
+    The zero padding is in pixel space, before normalisation, as in the original.
 
     Args:
         image: uint8[32, 32, 3].
         seed: int32 or int64[2] stateless seed.
 
     Returns:
-        float32[32, 32, 3], normalised.
+        uint8[32, 32, 3].
     """
     flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, num=2))
-    image = tf.cast(image, tf.float32) / 255.0
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    image = pad_and_random_crop(image, CIFAR_PADDING, crop_seed)
-    return normalize(image)
+    return pad_and_random_crop(image, CIFAR_PADDING, crop_seed)
 
 
 def cifar_eval_preprocess(image: tf.Tensor) -> tf.Tensor:
-    """Scales a uint8[32, 32, 3] CIFAR image to [0, 1] and normalises it."""
-    return normalize(tf.cast(image, tf.float32) / 255.0)
+    """CIFAR evaluation: the uint8[32, 32, 3] image unchanged (normalised on the device)."""
+    return tf.ensure_shape(tf.convert_to_tensor(image, tf.uint8), [32, 32, 3])
+
+
+def _round_to_uint8(image: tf.Tensor) -> tf.Tensor:
+    """Rounds a float image in [0, 255] to the nearest uint8 level (clipping overshoot)."""
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)

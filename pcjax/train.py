@@ -32,7 +32,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
-from pcjax import checkpoint, config_lib, host_memory, metrics, sharding
+from pcjax import checkpoint, config_lib, datasets, host_memory, metrics, sharding
 
 Batch = dict[str, jax.Array]
 
@@ -101,11 +101,12 @@ def train_step(
     state: TrainState, batch: Batch, learning_rate_fn: Callable
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on the global batch; returns the new state and scalar metrics."""
+    images = datasets.normalize_images(batch["image"])  # uint8 input is normalised on device
 
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
         )
@@ -134,8 +135,9 @@ def train_step(
 
 def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
     """Masked metric sums on one (possibly padded) evaluation batch, with running statistics."""
+    images = datasets.normalize_images(batch["image"])  # uint8 input is normalised on device
     logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
     )
     return metrics.classification_sums(logits, batch["label"], batch.get("mask"))
 
@@ -228,10 +230,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Writes config.json, TensorBoard events (process 0) and Orbax checkpoints (every process).
     Stops with FloatingPointError on a non-finite loss, keeping the last good checkpoint.
     """
-    from pcjax import data  # the only TensorFlow import; kept out of the maths modules
+    from pcjax import data, input_pipeline  # TensorFlow imports; kept out of the maths modules
 
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size, process_count=jax.process_count())
+    config_lib.validate_data(config)
     os.makedirs(workdir, exist_ok=True)
     eval_batch = config.data.eval_global_batch_size or config.data.global_batch_size
 
@@ -280,14 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
 
-    train_iter = data.create_train_dataset(
-        config.data.name,
-        global_batch_size=config.data.global_batch_size,
-        seed=config.seed,
-        data_dir=config.data.data_dir,
-        image_size=config.data.image_size,
-        start_step=start_step,
-    ).as_numpy_iterator()
+    train_iter = input_pipeline.create_train_iterator(config, start_step, mesh)
 
     def run_eval() -> dict[str, float]:
         ds, _ = data.create_eval_dataset(
@@ -338,7 +334,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with _TerminationFlag() as term:
         step = start_step
         while step < num_steps:
-            batch = sharding.shard_batch(next(train_iter), mesh)
+            batch = next(train_iter)  # global, already on the devices
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
                 state, step_metrics = p_train_step(state, batch)
             step += 1

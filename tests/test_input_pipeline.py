@@ -1,0 +1,419 @@
+"""The sampler-based input pipeline: epochs, topology-independent batches, O(1) resume, real
+array_record TFDS datasets (tiny, built in a temporary directory), validation and prefetch."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from pcjax import config_lib, datasets, input_pipeline, sharding, toy_data
+
+MEAN = np.array(datasets.IMAGENET_MEAN, np.float64)
+STD = np.array(datasets.IMAGENET_STD, np.float64)
+
+
+class CountingSource:
+    """Wraps a real source and records the index of every record read."""
+
+    def __init__(self, source):
+        self.source = source
+        self.reads: list[int] = []
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, index):
+        self.reads.append(int(index))
+        return self.source[index]
+
+
+def _digits_source():
+    return CountingSource(input_pipeline.open_source("digits", "train"))
+
+
+def _batches(ds, n):
+    it = ds.as_numpy_iterator()
+    return [next(it) for _ in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler and stream semantics on the in-memory digits.
+
+
+def test_one_epoch_visits_every_example_once():
+    """(c) 1347 digits, batch 64: 21 steps read 1344 distinct examples, 3 dropped per epoch."""
+    source = _digits_source()
+    ds = input_pipeline.create_train_dataset(
+        "digits", global_batch_size=64, seed=5, process_index=0, process_count=1, source=source
+    )
+    batches = _batches(ds, 42)
+    sampler = input_pipeline.IndexSampler(1347, 64, seed=5)
+    assert sampler.steps_per_epoch == 21
+    for epoch in range(2):
+        steps = [sampler.global_indices(s) for s in range(21 * epoch, 21 * epoch + 21)]
+        assert set(np.concatenate(steps)) <= set(source.reads)
+        read = [i for step in steps for i in step]
+        assert len(read) == len(set(read)) == 21 * 64
+        assert set(read) <= set(range(1347))
+    assert set(sampler.global_indices(0)) != set(sampler.global_indices(21))  # fresh order
+    labels = np.concatenate([b["label"] for b in batches[:21]])
+    _, train_labels = toy_data.load_split("digits", "train")
+    np.testing.assert_array_equal(labels, train_labels[sampler.permutation(0)[:1344]])
+
+
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_processes_slice_the_same_global_batch(process_count):
+    """Concatenated process slices equal the 1-process batch, bitwise, augmentations included."""
+
+    def stream(index, count):
+        ds = input_pipeline.create_train_dataset(
+            "digits", global_batch_size=64, seed=3, process_index=index, process_count=count
+        )
+        return _batches(ds, 3)
+
+    whole = stream(0, 1)
+    parts = [stream(p, process_count) for p in range(process_count)]
+    for step in range(3):
+        for key in ("image", "label"):
+            joined = np.concatenate([part[step][key] for part in parts])
+            np.testing.assert_array_equal(joined, whole[step][key])
+    assert not np.array_equal(whole[0]["image"], whole[1]["image"])
+
+
+def test_resume_reads_only_the_steps_from_k():
+    """(d) Starting at step 1000 reads step 1000's records first and never an earlier step's."""
+    k, batch = 1000, 32
+    source = _digits_source()
+    resumed_ds = input_pipeline.create_train_dataset(
+        "digits",
+        global_batch_size=batch,
+        seed=1,
+        process_index=1,
+        process_count=2,
+        start_step=k - 2,
+        source=source,
+    )
+    assert source.reads == []  # creating the stream reads nothing
+    resumed = _batches(resumed_ds, 1)[0]
+    sampler = input_pipeline.IndexSampler(1347, batch, seed=1)
+    rows = sampler.process_rows(1, 2)
+    step_of = {}  # example -> first step in [k - 2, k + 62) whose slice holds it
+    for step in range(k - 2, k + 62):
+        for index in sampler.global_indices(step)[rows]:
+            step_of.setdefault(int(index), step)
+    assert set(sampler.global_indices(k - 2)[rows]) <= set(source.reads)
+    # Read-ahead is a few batches of tf.data buffering, not the k * batch records replayed before:
+    # every record read belongs to one of the 64 steps from k - 2 on.
+    assert all(index in step_of for index in source.reads)
+    assert len(source.reads) < 64 * batch // 2 < k * batch // 2
+    # The batch of a step does not depend on where the stream started.
+    earlier = _batches(
+        input_pipeline.create_train_dataset(
+            "digits",
+            global_batch_size=batch,
+            seed=1,
+            process_index=1,
+            process_count=2,
+            start_step=k - 3,
+        ),
+        2,
+    )
+    np.testing.assert_array_equal(earlier[1]["image"], resumed["image"])
+    late = input_pipeline.IndexSampler(1347, batch, seed=1).global_indices(k - 2)[rows]
+    _, labels = toy_data.load_split("digits", "train")
+    np.testing.assert_array_equal(resumed["label"], labels[late])
+
+
+def test_sampler_bad_arguments():
+    with pytest.raises(ValueError, match="global_batch_size=2000"):
+        input_pipeline.IndexSampler(1347, 2000, seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        input_pipeline.IndexSampler(1347, 64, seed=-1)
+    with pytest.raises(ValueError, match="step"):
+        input_pipeline.IndexSampler(1347, 64, seed=0).global_indices(-1)
+    with pytest.raises(ValueError, match="start_step"):
+        input_pipeline.create_train_dataset(
+            "digits", global_batch_size=8, seed=0, process_index=0, process_count=1, start_step=-3
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# On-device normalisation and device prefetch.
+
+
+def test_normalize_images_against_float64():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (3, 5, 4, 3), np.uint8)
+    got = jax.jit(datasets.normalize_images)(jnp.asarray(pixels))
+    assert got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), (pixels / 255.0 - MEAN) / STD, rtol=1e-5, atol=1e-6)
+    floats = rng.normal(size=(2, 4, 4, 1)).astype(np.float32)
+    np.testing.assert_array_equal(datasets.normalize_images(jnp.asarray(floats)), floats)
+
+
+def test_device_prefetcher_yields_sharded_batches_in_order():
+    mesh = sharding.make_mesh()
+    host = [{"image": np.full((8, 2), i, np.uint8), "label": np.arange(8) + i} for i in range(5)]
+    prefetcher = input_pipeline.DevicePrefetcher(iter(host), mesh, size=2)
+    got = list(prefetcher)
+    assert len(got) == 5
+    for i, batch in enumerate(got):
+        assert batch["image"].sharding == sharding.batch_sharded(mesh)
+        assert batch["image"].dtype == jnp.uint8
+        np.testing.assert_array_equal(batch["image"], host[i]["image"])
+        np.testing.assert_array_equal(batch["label"], host[i]["label"])
+
+
+def test_device_prefetcher_raises_the_producer_error():
+    def broken():
+        yield {"image": np.zeros((8, 1), np.float32)}
+        raise OSError("disk gone")
+
+    prefetcher = input_pipeline.DevicePrefetcher(broken(), sharding.make_mesh())
+    next(prefetcher)
+    with pytest.raises(OSError, match="disk gone"):
+        next(prefetcher)
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny real TFDS datasets in the array_record format.
+
+CIFAR_TRAIN, CIFAR_TEST, IMAGENET_TRAIN, IMAGENET_VAL = 12, 5, 10, 5
+
+
+def _tiny_builder(name, splits, example_fn):
+    """A subclass of TFDS's own builder for `name` that generates a few synthetic examples."""
+
+    class Tiny(tfds.builder_cls(name), skip_registration=True):
+        MANUAL_DOWNLOAD_INSTRUCTIONS = "synthetic"
+
+        def _split_generators(self, dl_manager):
+            return {split: self._examples(seed, n) for seed, (split, n) in enumerate(splits)}
+
+        def _examples(self, seed, n):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                yield f"{seed}-{i}", example_fn(rng, i)
+
+    Tiny.name = name
+    return Tiny
+
+
+def _cifar_example(rng, i):
+    return {"id": f"x{i}", "image": rng.integers(0, 256, (32, 32, 3), np.uint8), "label": i % 10}
+
+
+def _imagenet_example(rng, i):
+    height, width = rng.integers(40, 90, 2)
+    image = rng.integers(0, 256, (height, width, 3), np.uint8)
+    return {"file_name": f"x{i}.JPEG", "image": image, "label": i % 7}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tfds")
+    manual = tfds.download.DownloadConfig(manual_dir=str(root / "manual"))
+    for name, splits, fn in [
+        ("cifar10", [("train", CIFAR_TRAIN), ("test", CIFAR_TEST)], _cifar_example),
+        (
+            "imagenet2012",
+            [("train", IMAGENET_TRAIN), ("validation", IMAGENET_VAL)],
+            _imagenet_example,
+        ),
+    ]:
+        builder = _tiny_builder(name, splits, fn)(data_dir=str(root), file_format="array_record")
+        builder.download_and_prepare(download_config=manual)
+    return str(root)
+
+
+def _raw_split(data_dir, name, split):
+    """(images, labels) of a split read straight from TFDS, the oracle of the pipelines."""
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    records = [source[i] for i in range(len(source))]
+    return [r["image"] for r in records], np.array([r["label"] for r in records])
+
+
+def test_cifar_train_on_array_record(data_dir):
+    """(e) Rows are the sampler's examples, flipped and shifted in uint8; processes agree."""
+    images, labels = _raw_split(data_dir, "cifar10", "train")
+    whole = _batches(
+        input_pipeline.create_train_dataset(
+            "cifar10",
+            global_batch_size=4,
+            seed=2,
+            data_dir=data_dir,
+            process_index=0,
+            process_count=1,
+        ),
+        3,
+    )
+    halves = [
+        _batches(
+            input_pipeline.create_train_dataset(
+                "cifar10",
+                global_batch_size=4,
+                seed=2,
+                data_dir=data_dir,
+                process_index=p,
+                process_count=2,
+            ),
+            3,
+        )
+        for p in range(2)
+    ]
+    sampler = input_pipeline.IndexSampler(CIFAR_TRAIN, 4, seed=2)
+    for step, batch in enumerate(whole):
+        assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 32, 32, 3)
+        indices = sampler.global_indices(step)
+        np.testing.assert_array_equal(batch["label"], labels[indices])
+        for row, index in enumerate(indices):
+            # A crop shifted by at most 4 pixels, maybe flipped: some shift matches exactly.
+            got = batch["image"][row].astype(int)
+            assert any(
+                np.array_equal(
+                    got[max(0, -dy) : 32 - max(0, dy), max(0, -dx) : 32 - max(0, dx)],
+                    src[max(0, dy) : 32 - max(0, -dy), max(0, dx) : 32 - max(0, -dx)],
+                )
+                for src in (images[index].astype(int), images[index][:, ::-1].astype(int))
+                for dy in range(-4, 5)
+                for dx in range(-4, 5)
+            )
+        joined = np.concatenate([halves[0][step]["image"], halves[1][step]["image"]])
+        np.testing.assert_array_equal(joined, batch["image"])
+
+
+@pytest.mark.parametrize(
+    ("name", "split", "size", "count"),
+    [("cifar10", "test", 32, CIFAR_TEST), ("imagenet2012", "validation", 48, IMAGENET_VAL)],
+)
+def test_eval_on_array_record_is_exact(data_dir, name, split, size, count):
+    _, labels = _raw_split(data_dir, name, split)
+    seen = []
+    for p in range(2):
+        ds, total = input_pipeline.create_eval_dataset(
+            name,
+            global_batch_size=4,
+            data_dir=data_dir,
+            image_size=size if name != "cifar10" else None,
+            process_index=p,
+            process_count=2,
+        )
+        batches = list(ds.as_numpy_iterator())
+        assert total == count
+        assert len(batches) == datasets.num_eval_batches(count, 2, 2)
+        for batch in batches:
+            assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, size, size, 3)
+            real = batch["mask"] == 1
+            assert np.all(batch["image"][~real] == 0) and np.all(batch["label"][~real] == 0)
+            seen.extend(batch["label"][real])
+    np.testing.assert_array_equal(seen, labels)  # contiguous shares, in order, each once
+
+
+def test_imagenet_train_on_array_record(data_dir):
+    images, labels = _raw_split(data_dir, "imagenet2012", "train")
+    ds = input_pipeline.create_train_dataset(
+        "imagenet2012",
+        global_batch_size=4,
+        seed=0,
+        data_dir=data_dir,
+        image_size=40,
+        process_index=1,
+        process_count=2,
+    )
+    batch = _batches(ds, 1)[0]
+    assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 40, 40, 3)
+    indices = input_pipeline.IndexSampler(IMAGENET_TRAIN, 4, seed=0).global_indices(0)[2:]
+    np.testing.assert_array_equal(batch["label"], labels[indices])
+    assert len(images) == IMAGENET_TRAIN
+
+
+def test_corrupted_record_names_file_and_index(data_dir, tmp_path):
+    shutil.copytree(f"{data_dir}/cifar10", tmp_path / "cifar10")
+    (shard,) = (tmp_path / "cifar10").glob("*/cifar10-train.array_record-*")
+    raw = bytearray(shard.read_bytes())
+    raw[2000:2100] = bytes(b ^ 0xFF for b in raw[2000:2100])
+    shard.write_bytes(raw)
+    source = input_pipeline.open_source("cifar10", "train", str(tmp_path))
+    with pytest.raises(input_pipeline.RecordReadError, match=rf"record \d+ of .*{shard.name}"):
+        input_pipeline.read_records(source, range(CIFAR_TRAIN))
+
+
+def _config(name, data_dir):
+    cfg = config_lib.default_config()
+    cfg.data.name = name
+    cfg.data.data_dir = data_dir
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
+def test_validation_gives_the_prepare_command(tmp_path, name):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=rf"(?s)not prepared.*tfds build {name} --file_format=array_record",
+    ):
+        config_lib.validate_data(_config(name, str(tmp_path / "empty")))
+
+
+def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path):
+    config_lib.validate_data(_config("cifar10", data_dir))
+    config_lib.validate_data(_config("digits", None))
+    builder = _tiny_builder("cifar10", [("train", 4), ("test", 2)], _cifar_example)
+    builder(data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
+    with pytest.raises(
+        config_lib.ConfigError, match="tfds build cifar10 --file_format=array_record"
+    ):
+        config_lib.validate_data(_config("cifar10", str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# TFDS mock data (the smoke tests of the CIFAR/ImageNet mains use it).
+
+
+@pytest.mark.parametrize("name", ["imagenet2012", "cifar10"])
+def test_pipelines_on_tfds_mock_data_sources(name):
+    size = 48 if name == "imagenet2012" else 32
+    with tfds.testing.mock_data(num_examples=6):
+        config_lib.validate_data(_config(name, None))
+        train = input_pipeline.create_train_dataset(
+            name, global_batch_size=4, seed=3, image_size=size, process_index=0, process_count=1
+        )
+        batches = _batches(train, 2)
+        ds, total = input_pipeline.create_eval_dataset(
+            name, global_batch_size=4, image_size=size, process_index=0, process_count=1
+        )
+        eval_batches = list(ds.as_numpy_iterator())
+    assert total == 6 and len(eval_batches) == 2
+    for batch in batches + eval_batches:
+        assert batch["image"].shape == (4, size, size, 3) and batch["image"].dtype == np.uint8
+        assert np.all((batch["label"] >= 0) & (batch["label"] < datasets.num_classes(name)))
+    np.testing.assert_array_equal(eval_batches[1]["mask"], [1, 1, 0, 0])
+
+
+def test_train_iterator_from_config():
+    cfg = ml_collections.ConfigDict(
+        {
+            "seed": 4,
+            "data": {
+                "name": "digits",
+                "global_batch_size": 16,
+                "data_dir": None,
+                "image_size": None,
+            },
+        }
+    )
+    mesh = sharding.make_mesh()
+    it = input_pipeline.create_train_iterator(cfg, 7, mesh)
+    batch = next(it)
+    it.close()
+    host = _batches(
+        input_pipeline.create_train_dataset(
+            "digits", global_batch_size=16, seed=4, process_index=0, process_count=1, start_step=7
+        ),
+        1,
+    )[0]
+    np.testing.assert_array_equal(batch["image"], host["image"])
+    assert batch["image"].sharding == sharding.batch_sharded(mesh)
