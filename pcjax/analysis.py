@@ -877,10 +877,10 @@ def load_variables_from_workdir(
 ) -> dict[str, Any]:
     """{"params", "batch_stats"} of a training checkpoint, ready for `model.apply`.
 
-    Reads the Orbax `CheckpointManager(workdir / "checkpoints")` the trainer writes (a state
-    pytree with fields `step`, `params`, `batch_stats`, `opt_state`), restoring without a target
-    (`StandardRestore()`, nested dicts), and checks that the parameter and statistics trees
-    match `model.init` on an input of shape [1, *image_shape] (names, shapes; dtypes are cast).
+    Reads the checkpoint the trainer writes in `workdir` (a folder or a URL) through
+    `pcjax.checkpoint.restore_variables` (nested dicts, no target), and checks that the
+    parameter and statistics trees match `model.init` on an input of shape [1, *image_shape]
+    (names, shapes; dtypes are cast).
 
     Args:
         workdir: the training run's directory.
@@ -892,20 +892,9 @@ def load_variables_from_workdir(
         FileNotFoundError: no checkpoint under `workdir/checkpoints`.
         ValueError: the checkpoint does not fit `model`.
     """
-    import orbax.checkpoint as ocp  # imported here: heavy, and only this function needs it
+    from pcjax import checkpoint  # imported here: Orbax is heavy, and only this function needs it
 
-    directory = Path(workdir).resolve() / "checkpoints"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"No checkpoint directory {directory}.")
-    mngr = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    try:
-        if step is None:
-            step = mngr.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"No checkpoint under {directory}.")
-        restored = mngr.restore(step, args=ocp.args.StandardRestore())
-    finally:
-        mngr.close()
+    restored, step = checkpoint.restore_variables(workdir, step)
 
     x = jax.ShapeDtypeStruct((1, *tuple(image_shape)), jnp.float32)
     expected = jax.eval_shape(

@@ -1,36 +1,152 @@
-"""Thin Orbax wrapper: resume-by-default from a workdir, periodic and forced saves."""
+"""Orbax checkpoints of a workdir that may be a local folder or a URL (`gs://...`).
+
+Every path goes through `etils.epath`, which Orbax and TensorStore accept for local folders and
+object stores alike. A checkpoint is a `Composite` of two items: "state" (the train state) and
+"loop" (a small JSON dict: best eval top-1, last eval metrics). Restoring falls back from a
+damaged latest step to the newest one that restores.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+STATE, LOOP = "state", "loop"
 
 
-def create_manager(workdir: str, every_steps: int, max_to_keep: int) -> ocp.CheckpointManager:
-    """A manager saving every `every_steps` steps under workdir/checkpoints, keeping the last k."""
+class CheckpointError(RuntimeError):
+    """No checkpoint of a workdir restores, or a workdir cannot be used."""
+
+
+def workdir_path(workdir: str | epath.PathLike) -> epath.Path:
+    """The workdir as an `epath.Path`: URLs kept as they are, local folders made absolute."""
+    text = str(workdir)
+    path = epath.Path(text)
+    return path if "://" in text else path.expanduser().absolute()
+
+
+def checkpoint_dir(workdir: str | epath.PathLike) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
+
+
+def create_manager(
+    workdir: str | epath.PathLike, every_steps: int, max_to_keep: int
+) -> ocp.CheckpointManager:
+    """A manager saving every `every_steps` steps under workdir/checkpoints, keeping the last k.
+
+    Only finite states are ever saved (the trainer checks before saving), so the k kept steps
+    are always restorable good states.
+    """
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=every_steps, max_to_keep=max_to_keep, create=True
     )
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
+    return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
-    """Restores the latest checkpoint into `target`'s structure, shapes and shardings.
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line[:limit]}"
 
-    Returns (state, step), or (target, None) when the workdir has no checkpoint yet.
-    """
-    step = manager.latest_step()
-    if step is None:
-        return target, None
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract)), step
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract), LOOP: ocp.args.JsonRestore()}
+        ),
+    )
+    return restored[STATE], dict(restored[LOOP] or {})
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, force: bool = False) -> bool:
+def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict, int | None]:
+    """Restores the newest step that restores into `target`'s structure, shapes and shardings.
+
+    A step that fails (truncated file, missing metadata, empty folder) is logged in one line
+    and the previous one is tried. Returns (state, loop_state, step), or (target, {}, None)
+    when the workdir has no checkpoint. Raises `CheckpointError` when none restores.
+    """
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures = []
+    for step in steps:
+        try:
+            state, loop = _restore_step(manager, step, target)
+        except Exception as error:  # any damage: log it and try the previous step
+            reason = _first_line(error)
+            logging.warning(
+                "Checkpoint step %d at %s does not restore (%s); trying an older one.",
+                step,
+                manager.directory / str(step),
+                reason,
+            )
+            failures.append(f"step {step}: {reason}")
+            continue
+        if failures:
+            logging.warning("Resuming from step %d, the newest checkpoint that restores.", step)
+            _set_aside(manager, [s for s in steps if s > step])
+        return state, loop, step
+    if failures:
+        raise CheckpointError(
+            f"No checkpoint in {manager.directory} restores ({'; '.join(failures)}). Move the "
+            "folder away to start afresh."
+        )
+    return target, {}, None
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged step folders to workdir/damaged_checkpoints, so their steps can be saved
+    again while their bytes stay for inspection."""
+    if jax.process_index() == 0:
+        aside = manager.directory.parent / "damaged_checkpoints"
+        aside.mkdir(parents=True, exist_ok=True)
+        for step in steps:
+            source = manager.directory / str(step)
+            if source.exists():
+                source.rename(aside / str(step))
+                logging.warning("Moved damaged checkpoint %s to %s.", source, aside / str(step))
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("pcjax_set_aside_damaged_checkpoints")
+    manager.reload()
+
+
+def save(
+    manager: ocp.CheckpointManager,
+    step: int,
+    state: Any,
+    loop: dict | None = None,
+    force: bool = False,
+) -> bool:
     """Saves asynchronously if `step` is due (or `force`); returns whether a save started."""
-    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    args = ocp.args.Composite(
+        **{STATE: ocp.args.StandardSave(state), LOOP: ocp.args.JsonSave(dict(loop or {}))}
+    )
+    return manager.save(step, args=args, force=force)
+
+
+def restore_variables(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, int]:
+    """(state as nested dicts, step) of a workdir's checkpoint, without a target structure.
+
+    For reading a trained model outside the trainer (pcjax.analysis); `step=None` is the latest.
+    Raises FileNotFoundError when the workdir has no checkpoint.
+    """
+    directory = checkpoint_dir(workdir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No checkpoint directory {directory}.")
+    options = ocp.CheckpointManagerOptions(read_only=True)
+    with ocp.CheckpointManager(directory, options=options) as manager:
+        if step is None:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"No checkpoint under {directory}.")
+        if (directory / str(step) / STATE).exists():
+            args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore()})
+            return manager.restore(step, args=args)[STATE], step
+        # A single-item checkpoint (the state alone), as written before the "loop" item.
+        return manager.restore(step, args=ocp.args.StandardRestore()), step

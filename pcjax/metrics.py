@@ -8,12 +8,17 @@ import optax
 
 
 def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """float32[batch]: 1 where the label is among the k largest logits."""
+    """float32[batch]: 1 where fewer than k other classes have a logit >= the label's.
+
+    Ties count against the label (constant logits are a miss for k < num_classes), and a row
+    with any NaN logit is a miss, so a broken model never scores.
+    """
     k = min(k, logits.shape[-1])
     label_logit = jnp.take_along_axis(logits, labels[:, None], axis=-1)
-    # Rank of the label = number of classes with a strictly larger logit.
-    rank = jnp.sum(logits > label_logit, axis=-1)
-    return (rank < k).astype(jnp.float32)
+    # Classes other than the label whose logit is at least the label's (the label counts itself).
+    rivals = jnp.sum(logits >= label_logit, axis=-1) - 1
+    valid = ~jnp.any(jnp.isnan(logits), axis=-1)
+    return ((rivals < k) & valid).astype(jnp.float32)
 
 
 def classification_sums(
