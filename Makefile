@@ -8,10 +8,10 @@ PYTEST_ARGS ?=
 # The wavelet benchmark calls XLA:CPU programs whose temporaries are mapped afresh on each call;
 # glibc's huge-page tunable backs them with 2 MiB pages, a few hundred times fewer page faults
 # (docs/benchmarks/README.md, "Host memory"). Inert where glibc or the kernel lacks it. The
-# trainer needs no setting: on CPU it reuses each step's memory itself (pcjax.host_memory).
+# trainer leaves host memory alone unless config.train.cpu_reuse_step_memory is set.
 HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
-.PHONY: install test quickstart bench lint clean
+.PHONY: install test test-fast quickstart bench lint clean
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# Everything but the end-to-end runs (`@pytest.mark.slow`): the lane to run while editing.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
 	$(PY) experiments/quickstart.py --workdir=$(WORKDIR)

@@ -1,38 +1,140 @@
 """Command-line entry shared by the experiment mains: flags, logging, then `train.run`.
 
 Each main is `cli.main(default_config)`; anything a notebook needs is `pcjax.train.run` or
-`pcjax.train.train_and_evaluate`, not this module.
+`pcjax.train.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line),
+`train.PREEMPTED_EXIT_CODE` (143) stopped by SIGTERM after saving.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
 
-from pcjax import train
+def hide_accelerators_from_tensorflow() -> None:
+    """Makes TensorFlow (input pipeline, TensorBoard writer) see only the host CPU, so that it
+    leaves GPU memory and TPU cores to JAX. Must run before anything starts TF's runtime."""
+    import tensorflow as tf
+
+    for kind in ("GPU", "TPU"):
+        try:
+            tf.config.set_visible_devices([], kind)
+        except (RuntimeError, ValueError):  # no such device kind, or TF already started
+            pass
+
+
+def _presets(config_spec: str) -> str:
+    """The presets a config file names (its PRESETS tuples, or its get_config docstring)."""
+    path = config_spec.split(":", 1)[0]
+    try:
+        spec = importlib.util.spec_from_file_location("_pcjax_config_for_help", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as error:  # help must not fail on a config that does not import
+        return f"(could not read {path}: {error})"
+    names = [p for attr in dir(module) if attr.endswith("PRESETS") for p in getattr(module, attr)]
+    if names:
+        return ", ".join(sorted(set(names))) + " (each may end in ',smoke': a few steps)"
+    return (module.get_config.__doc__ or "").strip()
+
+
+def _usage(default_config: str) -> str:
+    main_doc = (sys.modules["__main__"].__doc__ or "").strip()
+    return f"""{main_doc}
+
+Config: --config=FILE[:PRESET] (default {default_config}).
+Presets of {default_config.split(":", 1)[0]}: {_presets(default_config)}
+Override any field after it: --config.train.num_steps=100 --config.optim.learning_rate=0.1
+  --config.model.widths='(8,16)'  (the keys are those of pcjax.config_lib.default_config).
+Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
+  process (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed
+  to detect them from SLURM, Open MPI, Kubernetes or Cloud TPU.
+Exit status: 0 finished, 1 error, 143 stopped by SIGTERM after saving (rerun to resume).
+"""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def main(default_config: str) -> None:
-    """Defines --config (file[:preset]), --workdir and --distributed, trains, prints the eval."""
+    """Defines the flags, hides accelerators from TF, trains, prints the final eval."""
+    hide_accelerators_from_tensorflow()
+    from absl import app, flags, logging
+    from ml_collections import config_flags
+
+    from pcjax import checkpoint, config_lib, train, workdir
+
     config = config_flags.DEFINE_config_file(
-        "config", default_config, "Experiment config (file[:preset]).", lock_config=True
+        "config", default_config, "Experiment config (FILE[:PRESET]).", lock_config=True
     )
-    workdir = flags.DEFINE_string(
-        "workdir", None, "Checkpoints, events and config.json go here.", required=True
+    workdir_flag = flags.DEFINE_string(
+        "workdir", None, "Local folder or URL (gs://bucket/run) for checkpoints and events."
     )
     distributed = flags.DEFINE_bool(
         "distributed",
         os.environ.get("PCJAX_DISTRIBUTED", "0") == "1",
-        "Multi-host job: call jax.distributed.initialize() first (or set PCJAX_DISTRIBUTED=1).",
+        "Join a multi-process job found from the cluster environment (or PCJAX_DISTRIBUTED=1).",
+    )
+    coordinator = flags.DEFINE_string(
+        "coordinator_address",
+        os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        "HOST:PORT of process 0 (default $JAX_COORDINATOR_ADDRESS); with the two below.",
+    )
+    num_processes = flags.DEFINE_integer(
+        "num_processes", _env_int("JAX_NUM_PROCESSES"), "Processes in the job."
+    )
+    process_id = flags.DEFINE_integer(
+        "process_id", _env_int("JAX_PROCESS_ID"), "This process's index, 0..num_processes-1."
+    )
+    expected = (
+        config_lib.ConfigError,
+        checkpoint.CheckpointError,
+        workdir.WorkdirError,
+        train.Diverged,
+        FileNotFoundError,
+        ValueError,
     )
 
     def run(argv: list[str]) -> None:
-        del argv
+        if len(argv) > 1:
+            raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+        if not workdir_flag.value:
+            raise app.UsageError("--workdir is required.")
         logging.set_verbosity(logging.INFO)
-        result = train.run(config.value, workdir.value, distributed.value)
+        try:
+            result = train.run(
+                config.value,
+                workdir_flag.value,
+                distributed.value,
+                coordinator.value,
+                num_processes.value,
+                process_id.value,
+            )
+        except train.Preempted as stopped:
+            logging.warning("%s", stopped)
+            sys.exit(train.PREEMPTED_EXIT_CODE)
+        except expected as error:
+            sys.exit(f"error: {type(error).__name__}: {error}")
         print(f"final eval: {json.dumps(result)}")
 
-    app.run(run)
+    app.run(run, flags_parser=_parser(default_config, app))
+
+
+def _parser(default_config: str, app):
+    """absl's parser, with --help printing pcjax's usage (presets, overrides) and exiting 0."""
+
+    def parse(argv: list[str]) -> list[str]:
+        if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+            from absl import flags
+
+            print(_usage(default_config))
+            print(flags.FLAGS.module_help(__name__))
+            print(flags.FLAGS.module_help("ml_collections.config_flags.config_flags"))
+            sys.exit(0)
+        return app.parse_flags_with_usage(argv)
+
+    return parse

@@ -76,9 +76,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every_steps = 1000
     cfg.train.max_checkpoints_to_keep = 3
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
-    # CPU runs through `pcjax.train.run`: steps run one at a time and reuse the last step's host
-    # memory instead of page-faulting fresh memory in (pcjax.host_memory). No effect on GPU/TPU.
-    cfg.train.cpu_reuse_step_memory = True
+    # Opt-in, for CPU benchmarks through `pcjax.train.run`: steps run one at a time and reuse
+    # the last step's host memory instead of page-faulting fresh memory in (pcjax.host_memory).
+    # Nothing is changed on GPU/TPU hosts.
+    cfg.train.cpu_reuse_step_memory = False
     return cfg
 
 
@@ -198,6 +199,7 @@ def validate(
     """
     _check_keys_and_types(config)
     m, d, o, t = config.model, config.data, config.optim, config.train
+    _require(config.seed >= 0, f"config.seed={config.seed} must be >= 0.")
     _choice("data.name", d.name, DATASET_NAMES)
     _check_model(m)
     for path, value in [

@@ -12,14 +12,17 @@ kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s fo
   so a step's temporaries are freed before the next step allocates its own. With asynchronous
   dispatch the next steps allocate while the current one runs, and the heap grows instead.
 
-`reuse_step_memory` applies both on a CPU backend; `pcjax.train.run` calls it when
-`config.train.cpu_reuse_step_memory` is set. Neither changes a computed number. On GPU/TPU
-the device allocator already reuses memory, and nothing here applies.
+`reuse_step_memory` applies both where JAX runs on the CPU alone; `pcjax.train.run` calls it
+only when `config.train.cpu_reuse_step_memory` is set (off by default), the benchmarks always.
+Neither changes a computed number. On GPU/TPU the device allocator already reuses memory, and
+nothing here applies.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
+import importlib.util
 
 import jax
 
@@ -29,20 +32,24 @@ M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 
 
-def synchronous_cpu_dispatch() -> bool:
+def cpu_only() -> bool:
+    """Whether JAX will run on the host CPU alone: JAX_PLATFORMS=cpu, or no accelerator plugin
+    (CUDA, ROCm, TPU) installed. Decided without starting JAX's backends."""
+    platforms = (jax.config.jax_platforms or "").split(",")
+    if platforms != [""]:
+        return platforms == ["cpu"]
+    plugins = importlib.metadata.entry_points(group="jax_plugins")
+    return not plugins and importlib.util.find_spec("libtpu") is None
+
+
+def synchronous_cpu_dispatch() -> None:
     """Makes the CPU backend finish each computation before the call returns.
 
     JAX reads this setting when it creates its backends (at the first computation or device
-    query), so call it before those, as `pcjax.train.run` does. Returns whether the CPU backend
-    runs synchronously: False, changing nothing, if the backends had already started
-    asynchronous. Computations on GPU/TPU stay asynchronous.
+    query): call it before those, as `pcjax.train.run` does; afterwards it has no effect.
+    Computations on GPU/TPU are not affected.
     """
-    # There is no public way to ask whether the backends have started.
-    from jax._src import xla_bridge
-
-    if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
-    return not jax.config.values["jax_cpu_enable_async_dispatch"]
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 def keep_freed_memory() -> bool:
@@ -75,11 +82,12 @@ def keep_freed_memory() -> bool:
 
 
 def reuse_step_memory() -> bool:
-    """Both settings above, if the default backend is the CPU; returns whether they applied.
+    """Both settings above when JAX runs on the CPU alone (`cpu_only`); returns whether applied.
 
     Call it before JAX starts its backends (after `jax.distributed.initialize`, which does not
-    start them). False on GPU/TPU, where nothing is needed, and where the backends had already
-    started asynchronous or the C library is not glibc.
+    start them). Does nothing where an accelerator may be used or the C library is not glibc.
     """
-    synchronous = synchronous_cpu_dispatch()  # must precede the backend query below
-    return jax.default_backend() == "cpu" and synchronous and keep_freed_memory()
+    if not cpu_only():
+        return False
+    synchronous_cpu_dispatch()
+    return keep_freed_memory()

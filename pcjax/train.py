@@ -13,10 +13,10 @@ the reference's `DataParallel` used per-GPU sub-batches (REFERENCE.md 7.5).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging as std_logging
-import os
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -33,8 +33,27 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
 from pcjax import checkpoint, config_lib, datasets, host_memory, metrics, sharding
+from pcjax import workdir as workdir_lib
 
 Batch = dict[str, jax.Array]
+
+# Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a shell reports it):
+# not 0, so that a scheduler does not take a preempted job for a finished one.
+PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Preempted(Exception):
+    """SIGTERM reached a process: every process saved step `step` and stopped."""
+
+    def __init__(self, step: int, path: str):
+        super().__init__(
+            f"Preempted: saved step {step} in {path}; rerun the same command to resume."
+        )
+        self.step = step
+
+
+class Diverged(FloatingPointError):
+    """The loss or the updated state is not finite; nothing non-finite was saved."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -97,10 +116,17 @@ def _global_norm(tree: Any) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
 
 
+def _all_finite(*trees: Any) -> jax.Array:
+    """float32 1.0 if every element of every leaf is finite, else 0.0 (one fused reduction)."""
+    leaves = jax.tree_util.tree_leaves(trees)
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all().astype(jnp.float32)
+
+
 def train_step(
     state: TrainState, batch: Batch, learning_rate_fn: Callable
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One SGD step on the global batch; returns the new state and scalar metrics."""
+
     images = datasets.normalize_images(batch["image"])  # uint8 input is normalised on device
 
     def loss_fn(params):
@@ -129,6 +155,8 @@ def train_step(
         "grad_norm": _global_norm(grads),
         "param_norm": _global_norm(params),
         "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
+        # 1.0 when the loss and the state after this step are finite; checked before any save.
+        "finite": _all_finite(loss, new_state.params, new_state.batch_stats),
     }
     return new_state, out
 
@@ -169,12 +197,21 @@ def _steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[
     return steps_per_epoch, num_steps, eval_every
 
 
-class _TerminationFlag:
-    """Set by SIGTERM (preemption notice) so the loop saves and exits cleanly."""
+class _Stopper:
+    """SIGTERM (a preemption notice) sets a local flag; `poll` says when every process stops.
 
-    def __init__(self):
+    One process may receive the signal and another not, or at different steps. With several
+    processes the flags are max-reduced over the mesh after every step and the result is read
+    one step later, so that every process stops after the same step without a host sync per
+    step (XLA runs the reduction after the step it follows).
+    """
+
+    def __init__(self, mesh: jax.sharding.Mesh):
         self.set = False
         self._previous = None
+        self._mesh = mesh
+        self._pending = None
+        self._reduce = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
 
     def __enter__(self):
         try:
@@ -191,182 +228,292 @@ class _TerminationFlag:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
 
+    def poll(self) -> bool:
+        """Whether to stop now; call once per step on every process."""
+        if jax.process_count() == 1:
+            return self.set
+        decided = self._pending is not None and bool(jax.device_get(self._pending))
+        local = np.full((jax.local_device_count(),), int(self.set), np.int32)
+        flags = jax.make_array_from_process_local_data(sharding.batch_sharded(self._mesh), local)
+        self._pending = self._reduce(flags)
+        return decided
 
-def _preempted(flag: _TerminationFlag, step: int) -> bool:
-    if flag.set:
-        return True
+
+@dataclasses.dataclass
+class Run:
+    """What `setup` builds and the loop uses; the loop needs no dataset library."""
+
+    config: ml_collections.ConfigDict
+    workdir: Any  # etils.epath.Path
+    mesh: jax.sharding.Mesh
+    state: TrainState
+    start_step: int
+    num_steps: int
+    eval_every: int
+    train_step: Callable  # (state, sharded batch) -> (state, metrics)
+    eval_step: Callable  # (state, sharded batch) -> metric sums
+    train_batches: Iterator[dict[str, np.ndarray]]
+    eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
+    manager: Any  # orbax CheckpointManager
+    writer: metric_writers.MetricWriter
+    loop_state: dict = dataclasses.field(default_factory=dict)
+    hooks: list = dataclasses.field(default_factory=list)
+
+
+def input_pipelines(
+    config: ml_collections.ConfigDict, start_step: int, mesh: jax.sharding.Mesh
+) -> tuple[Iterator[Batch], Callable[[], Iterator[dict[str, np.ndarray]]]]:
+    """(global train batches from `start_step`, already on the devices; a function giving a
+    fresh pass over the eval set as host batches)."""
+    from pcjax import data, input_pipeline  # TensorFlow imports; kept out of the maths modules
+
+    d = config.data
+    train_batches = input_pipeline.create_train_iterator(config, start_step, mesh)
+
+    def eval_batches() -> Iterator[dict[str, np.ndarray]]:
+        ds, _ = data.create_eval_dataset(
+            d.name,
+            global_batch_size=d.eval_global_batch_size or d.global_batch_size,
+            data_dir=d.data_dir,
+            image_size=d.image_size,
+        )
+        return ds.as_numpy_iterator()
+
+    return train_batches, eval_batches
+
+
+def _claim_workdir(config: ml_collections.ConfigDict, path: Any, latest: int | None) -> Any:
+    """Process 0 takes the lock and checks the config; every process learns the outcome."""
+    lock, error = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = workdir_lib.acquire_lock(path)
+            workdir_lib.record_config(path, config, latest is not None, latest or 0)
+        except workdir_lib.WorkdirError as e:
+            error = e
+            if lock is not None:
+                workdir_lib.release_lock(lock)
+                lock = None
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        try:
-            return bool(multihost_utils.reached_preemption_sync_point(step))
-        except RuntimeError:  # preemption service not enabled in jax.distributed
-            return False
-    return False
+        failed = multihost_utils.broadcast_one_to_all(np.int32(error is not None))
+        if int(failed) and error is None:
+            error = workdir_lib.WorkdirError(f"Process 0 refused workdir {path}; see its log.")
+    if error is not None:
+        raise error
+    return lock
 
 
-def _write_config(
-    config: ml_collections.ConfigDict, workdir: str, writer: metric_writers.MetricWriter
-) -> None:
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
-    flat = {}
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, ml_collections.ConfigDict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
-
-    walk(config)
-    writer.write_hparams(flat)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Trains `config` in `workdir`, resuming from its latest checkpoint; returns final eval.
-
-    Writes config.json, TensorBoard events (process 0) and Orbax checkpoints (every process).
-    Stops with FloatingPointError on a non-finite loss, keeping the last good checkpoint.
-    """
-    from pcjax import data, input_pipeline  # TensorFlow imports; kept out of the maths modules
+def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any]:
+    """Validates, claims the workdir, builds model/state/steps/data, restores; (run, lock)."""
+    from pcjax import data
 
     mesh = sharding.make_mesh()
     config_lib.validate(config, device_count=mesh.size, process_count=jax.process_count())
     config_lib.validate_data(config)
-    os.makedirs(workdir, exist_ok=True)
-    eval_batch = config.data.eval_global_batch_size or config.data.global_batch_size
+    path = workdir_lib.prepare(workdir_url)
+    manager = checkpoint.create_manager(
+        path, config.train.checkpoint_every_steps, config.train.max_checkpoints_to_keep
+    )
+    lock = _claim_workdir(config, path, manager.latest_step())
+    try:
+        return _build(config, path, mesh, manager, data), lock
+    except BaseException:
+        if lock is not None:
+            workdir_lib.release_lock(lock)
+        raise
 
-    model = config_lib.build_model(config)
-    image_shape = data.image_shape(config.data.name, config.data.image_size)
+
+def _build(config, path, mesh, manager, data) -> Run:
+    """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
     steps_per_epoch, num_steps, eval_every = _steps(
         config, data.num_train_examples(config.data.name, config.data.data_dir)
     )
+    model = config_lib.build_model(config)
+    image_shape = data.image_shape(config.data.name, config.data.image_size)
     tx = create_optimizer(config, steps_per_epoch)
-    lr_fn = learning_rate_schedule(config, steps_per_epoch)
-
-    rng = jax.random.key(config.seed)
-    replicated = sharding.replicated(mesh)
+    replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     state = jax.jit(
         functools.partial(create_train_state, model, tx, image_shape=image_shape),
         out_shardings=replicated,
-    )(rng)
-    manager = checkpoint.create_manager(
-        workdir, config.train.checkpoint_every_steps, config.train.max_checkpoints_to_keep
-    )
-    state, restored = checkpoint.restore_latest(manager, state)
+    )(jax.random.key(config.seed))
+    state, loop_state, restored = checkpoint.restore_latest(manager, state)
     start_step = int(restored or 0)
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+    writer = metric_writers.create_default_writer(str(path), just_logging=jax.process_index() > 0)
     if start_step == 0:
-        _write_config(config, workdir, writer)
+        _write_hparams(config, writer)
         parameter_overview.log_parameter_overview(state.params)
-    logging.info(
-        "devices=%d processes=%d global_batch=%d per_device=%d steps=%d (%d/epoch), "
-        "starting at step %d",
-        mesh.size,
-        jax.process_count(),
-        config.data.global_batch_size,
-        config.data.global_batch_size // mesh.size,
-        num_steps,
-        steps_per_epoch,
-        start_step,
-    )
-
-    batched = sharding.batch_sharded(mesh)
     p_train_step = jax.jit(
-        functools.partial(train_step, learning_rate_fn=lr_fn),
+        functools.partial(
+            train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
+        ),
         in_shardings=(replicated, batched),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
     p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
-
-    train_iter = input_pipeline.create_train_iterator(config, start_step, mesh)
-
-    def run_eval() -> dict[str, float]:
-        ds, _ = data.create_eval_dataset(
-            config.data.name,
-            global_batch_size=eval_batch,
-            data_dir=config.data.data_dir,
-            image_size=config.data.image_size,
-        )
-        return evaluate(p_eval_step, state, ds.as_numpy_iterator(), mesh, config.train.eval_steps)
-
+    train_batches, eval_batches = input_pipelines(config, start_step, mesh)
     hooks = [
         periodic_actions.ReportProgress(
             num_train_steps=num_steps, writer=writer, every_steps=config.train.log_every_steps
         )
     ]
     if config.train.profile and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=workdir, num_profile_steps=5))
+        hooks.append(periodic_actions.Profile(logdir=str(path), num_profile_steps=5))
+    logging.info(
+        "devices=%d processes=%d global_batch=%d steps=%d (%d/epoch), starting at step %d",
+        mesh.size,
+        jax.process_count(),
+        config.data.global_batch_size,
+        num_steps,
+        steps_per_epoch,
+        start_step,
+    )
+    return Run(
+        config=config,
+        workdir=path,
+        mesh=mesh,
+        state=state,
+        start_step=start_step,
+        num_steps=num_steps,
+        eval_every=eval_every,
+        train_step=p_train_step,
+        eval_step=p_eval_step,
+        train_batches=train_batches,
+        eval_batches=eval_batches,
+        manager=manager,
+        writer=writer,
+        loop_state=loop_state,
+        hooks=hooks,
+    )
 
-    pending: list[dict[str, jax.Array]] = []
-    last_good = start_step
-    best_top1 = 0.0
-    eval_metrics: dict[str, float] = {}
-    tick = time.perf_counter()
 
-    def flush(step: int) -> None:
-        """Fetches pending step metrics once (the only host sync), checks them, writes them."""
-        nonlocal pending, tick
-        if not pending:
+def _write_hparams(config: ml_collections.ConfigDict, writer: metric_writers.MetricWriter):
+    flat = {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v)
+        for k, v in workdir_lib.flatten(config).items()
+    }
+    writer.write_hparams(flat)
+
+
+class _Loop:
+    """The step loop of one `Run`: step, check, log, evaluate, save, stop on SIGTERM."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.pending: list[dict[str, jax.Array]] = []
+        self.tick = time.perf_counter()
+        self.eval_metrics: dict[str, float] = dict(run.loop_state.get("eval", {}))
+
+    def flush(self, step: int) -> None:
+        """Fetches pending step metrics (the only host sync), checks them, writes them."""
+        if not self.pending:
             return
-        fetched = jax.device_get(pending)
-        losses = np.array([m["loss"] for m in fetched])
-        if not np.all(np.isfinite(losses)):
-            bad = step - len(fetched) + int(np.argmin(np.isfinite(losses))) + 1
-            raise FloatingPointError(
-                f"Non-finite training loss at step {bad} (config {config.model.name}, lr "
-                f"{float(fetched[0]['learning_rate']):g}); the last good checkpoint (step "
-                f"{last_good}) in {workdir} is kept. Lower config.optim.learning_rate or check "
-                "the input data."
-            )
-        summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        elapsed = time.perf_counter() - tick
-        summary["perf/examples_per_sec"] = (
-            len(fetched) * config.data.global_batch_size / max(elapsed, 1e-9)
-        )
-        writer.write_scalars(step, summary)
-        pending, tick = [], time.perf_counter()
+        fetched = jax.device_get(self.pending)
+        finite = np.array([m["finite"] for m in fetched]) > 0
+        if not finite.all():
+            self._diverged(step - len(fetched) + int(np.argmin(finite)) + 1, fetched[0])
+        keys = [k for k in fetched[0] if k != "finite"]
+        summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in keys}
+        elapsed = time.perf_counter() - self.tick
+        batch = self.run.config.data.global_batch_size
+        summary["perf/examples_per_sec"] = len(fetched) * batch / max(elapsed, 1e-9)
+        self.run.writer.write_scalars(step, summary)
+        self.pending, self.tick = [], time.perf_counter()
 
-    with _TerminationFlag() as term:
-        step = start_step
-        while step < num_steps:
-            batch = next(train_iter)  # global, already on the devices
+    def _diverged(self, bad_step: int, metrics_at: dict) -> None:
+        manager = self.run.manager
+        with jax.transfer_guard("allow"):
+            manager.wait_until_finished()
+        manager.reload()
+        good = manager.latest_step()
+        where = (
+            f"the last checkpoint, step {good} ({manager.directory / str(good)}), is finite and "
+            "kept; rerunning resumes from it"
+            if good is not None
+            else f"no checkpoint was saved in {manager.directory}"
+        )
+        raise Diverged(
+            f"Non-finite loss or parameters after step {bad_step} (model "
+            f"{self.run.config.model.name}, lr {float(metrics_at['learning_rate']):g}); {where}. "
+            "Lower config.optim.learning_rate or check the input data."
+        )
+
+    def evaluate(self, step: int) -> None:
+        run = self.run
+        self.eval_metrics = evaluate(
+            run.eval_step, run.state, run.eval_batches(), run.mesh, run.config.train.eval_steps
+        )
+        best = max(run.loop_state.get("best_top1", 0.0), self.eval_metrics["top1"])
+        run.loop_state.update(best_top1=best, eval=self.eval_metrics)
+        scalars = {f"eval/{k}": v for k, v in self.eval_metrics.items()}
+        run.writer.write_scalars(step, {**scalars, "eval/best_top1": best})
+        self.tick = time.perf_counter()
+
+    def save(self, step: int) -> None:
+        with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
+            checkpoint.save(self.run.manager, step, self.run.state, self.run.loop_state, force=True)
+
+    def step_once(self, step: int, stop: bool) -> None:
+        """Bookkeeping after the step that produced `step`: flush, eval, save as due."""
+        t = self.run.config.train
+        last = step == self.run.num_steps
+        due_eval = (step % self.run.eval_every == 0 or last) and not stop
+        due_ckpt = step % t.checkpoint_every_steps == 0 or stop or last
+        if step % t.log_every_steps == 0 or due_ckpt or due_eval:
+            self.flush(step)  # the state is checked finite before it is evaluated or saved
+        if due_eval:
+            self.evaluate(step)
+        if due_ckpt:
+            self.save(step)
+
+
+def train_loop(run: Run) -> dict[str, float]:
+    """Steps `run` from its start to its end; returns the final eval metrics.
+
+    Raises `Preempted` after saving when SIGTERM reached any process, `Diverged` (nothing
+    non-finite saved) when the loss or state stops being finite.
+    """
+    loop = _Loop(run)
+    step, stop = run.start_step, False
+    with _Stopper(run.mesh) as stopper, jax.transfer_guard("disallow"):
+        while step < run.num_steps and not stop:
+            batch = next(run.train_batches)  # global, already on the devices
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
-                state, step_metrics = p_train_step(state, batch)
+                run.state, step_metrics = run.train_step(run.state, batch)
             step += 1
-            pending.append(step_metrics)
-            for hook in hooks:
+            loop.pending.append(step_metrics)
+            for hook in run.hooks:
                 hook(step)
-            stop = _preempted(term, step)
-            due_ckpt = step % config.train.checkpoint_every_steps == 0
-            if step % config.train.log_every_steps == 0 or due_ckpt or stop or step == num_steps:
-                flush(step)  # checks the loss is finite before anything is saved
-            if step % eval_every == 0 or step == num_steps:
-                eval_metrics = run_eval()
-                best_top1 = max(best_top1, eval_metrics["top1"])
-                writer.write_scalars(
-                    step,
-                    {
-                        **{f"eval/{k}": v for k, v in eval_metrics.items()},
-                        "eval/best_top1": best_top1,
-                    },
-                )
-                tick = time.perf_counter()
-            if due_ckpt or stop or step == num_steps:
-                checkpoint.save(manager, step, state, force=True)
-                last_good = step
-            if stop:
-                break
-    manager.wait_until_finished()
-    writer.flush()
-    if not eval_metrics:
-        eval_metrics = run_eval()
-    logging.info("Finished at step %d: %s", step, json.dumps(eval_metrics))
-    return eval_metrics
+            stop = stopper.poll() and step < run.num_steps
+            loop.step_once(step, stop)
+    with jax.transfer_guard("allow"):
+        run.manager.wait_until_finished()
+    run.writer.flush()
+    if stop:
+        raise Preempted(step, str(run.manager.directory))
+    if not loop.eval_metrics:
+        loop.evaluate(step)
+    return loop.eval_metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Trains `config` in `workdir` (a folder or a URL), resuming from its latest checkpoint.
+
+    Writes config.json, TensorBoard events (process 0) and Orbax checkpoints (every process).
+    Returns the final eval metrics; raises `Preempted` on SIGTERM (after saving) and `Diverged`
+    on a non-finite loss or state (nothing non-finite is saved).
+    """
+    run, lock = setup(config, workdir)
+    try:
+        result = train_loop(run)
+    finally:
+        run.manager.close()
+        if lock is not None:
+            workdir_lib.release_lock(lock)
+    logging.info("Finished at step %d: %s", run.num_steps, json.dumps(result))
+    return result
 
 
 class _QuietOrbax(std_logging.Filter):
@@ -376,29 +523,44 @@ class _QuietOrbax(std_logging.Filter):
         return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
-def run(
-    config: ml_collections.ConfigDict, workdir: str, distributed: bool = False
-) -> dict[str, float]:
-    """Entry point shared by the experiment mains: optional multi-host set-up, then training.
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process job: explicit coordinator/count/id, or the cluster's own (SLURM,
+    Open MPI, Kubernetes, Cloud TPU) when all three are None."""
+    given = [coordinator_address, num_processes, process_id]
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise ValueError(
+            f"Give all of coordinator_address={coordinator_address!r}, "
+            f"num_processes={num_processes!r}, process_id={process_id!r}, or none of them "
+            "(auto-detection from the cluster)."
+        )
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
-    With `distributed`, `jax.distributed.initialize()` joins the other processes of a multi-host
-    TPU/GPU job (it discovers the coordinator from the cluster environment); every process then
-    runs this same function. On CPU, `config.train.cpu_reuse_step_memory` is applied here,
-    before JAX starts its backends (see `pcjax.host_memory`).
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    distributed: bool = False,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> dict[str, float]:
+    """Entry point shared by the experiment mains: optional multi-process set-up, then training.
+
+    With `distributed` (or an explicit coordinator), `jax.distributed.initialize` joins the
+    other processes; every process then runs this same function. With
+    `config.train.cpu_reuse_step_memory` (off by default) CPU runs reuse step memory
+    (see `pcjax.host_memory`).
     """
     # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
     logging.get_absl_handler().addFilter(_QuietOrbax())
-    if distributed:
-        jax.distributed.initialize()
-    if config.train.cpu_reuse_step_memory:
-        if host_memory.reuse_step_memory():
-            logging.info("CPU steps run synchronously and reuse freed host memory.")
-        elif jax.default_backend() == "cpu":
-            logging.warning(
-                "config.train.cpu_reuse_step_memory is set but not applied: JAX's backends "
-                "started before pcjax.train.run, or the C library is not glibc. Each step "
-                "maps fresh host memory."
-            )
+    if distributed or coordinator_address is not None:
+        initialize_distributed(coordinator_address, num_processes, process_id)
+    if config.train.cpu_reuse_step_memory and host_memory.reuse_step_memory():
+        logging.info("CPU steps run synchronously and reuse freed host memory.")
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
         jax.process_index(),

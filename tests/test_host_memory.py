@@ -5,11 +5,7 @@ import platform
 import subprocess
 import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
-
-from pcjax import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -19,7 +15,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CYCLE = """
 import ctypes, resource, sys, threading
 sys.path.insert(0, {root!r})
-from pcjax import host_memory
 applied = host_memory.keep_freed_memory() if {keep} else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -46,15 +41,28 @@ print(applied, *faults)
 """
 
 
-def _run(code: str) -> list[str]:
+def _run(code: str, **extra_env: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # 4 KiB pages
+    env.update(extra_env)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     return out.stdout.split()
 
 
+def _thp_always() -> bool:
+    """Transparent huge pages for every mapping: a fresh 256 MiB buffer then faults in 2 MiB
+    pages, and the 4 KiB page counts below do not apply."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc's mallopt")
+@pytest.mark.skipif(platform.system() != "Linux", reason="counts Linux page faults")
+@pytest.mark.skipif(_thp_always(), reason="transparent huge pages on every mapping")
 @pytest.mark.parametrize("worker", [False, True], ids=["main_thread", "worker_thread"])
 def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults(worker):
     """65,536 faults for every fresh 256 MiB mapping; after the first, none once memory is kept."""
@@ -69,24 +77,44 @@ def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults(worker):
 _SYNC = """
 import sys
 sys.path.insert(0, {root!r})
-from pcjax import host_memory
 import jax, jax.numpy as jnp
-synchronous = host_memory.synchronous_cpu_dispatch()  # before the backend starts
+host_memory.synchronous_cpu_dispatch()  # before the backend starts
 x = jnp.ones((1024, 1024))
 f = jax.jit(lambda x: [x := jnp.tanh(x @ x) for _ in range(16)][-1])
 f(x).block_until_ready()
 y = f(x)
-print(synchronous, y.is_ready(), jax.devices()[0].platform)
+print(y.is_ready(), jax.devices()[0].platform)
 """
 
 
 def test_synchronous_cpu_dispatch_returns_finished_results():
-    assert _run(_SYNC.format(root=ROOT)) == ["True", "True", "cpu"]
+    assert _run(_SYNC.format(root=ROOT)) == ["True", "cpu"]
 
 
-def test_synchronous_cpu_dispatch_changes_nothing_once_backends_started():
-    jax.devices()  # this test process's backends are running, asynchronous by default
-    before = jax.config.values["jax_cpu_enable_async_dispatch"]
-    assert host_memory.synchronous_cpu_dispatch() is (not before)
-    assert jax.config.values["jax_cpu_enable_async_dispatch"] == before
-    assert float(jnp.ones(3).sum()) == 3.0
+_PROBE = """
+import sys
+sys.path.insert(0, {root!r})
+import jax
+print(host_memory.cpu_only(), host_memory.reuse_step_memory(),
+      jax.config.values["jax_cpu_enable_async_dispatch"])
+"""
+
+
+@pytest.mark.parametrize(
+    "platforms,want",
+    [("cuda,cpu", ["False", "False", "True"]), ("tpu", ["False", "False", "True"])],
+)
+def test_reuse_step_memory_never_applies_where_an_accelerator_may_run(platforms, want):
+    """Decided from the requested platforms, before any backend starts (none is started)."""
+    assert _run(_PROBE.format(root=ROOT), JAX_PLATFORMS=platforms) == want
+
+
+def test_reuse_step_memory_applies_on_cpu():
+    applied = "True" if platform.libc_ver()[0] == "glibc" else "False"
+    assert _run(_PROBE.format(root=ROOT), JAX_PLATFORMS="cpu") == ["True", applied, "False"]
+
+
+def test_trainer_leaves_host_memory_alone_by_default():
+    from pcjax import config_lib
+
+    assert config_lib.default_config().train.cpu_reuse_step_memory is False

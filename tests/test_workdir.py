@@ -10,10 +10,9 @@ import pytest
 from etils import epath
 
 from pcjax import workdir
+from pcjax.configs import digits as digits_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
-import digits as digits_config  # noqa: E402
 
 
 def _write_lock(path, pid, host):

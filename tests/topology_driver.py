@@ -18,8 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_config(num_steps: int):
     """Digits at 16x16, a two-block net of widths (8, 8), batch 32; checkpoints every step."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments", "configs"))
-    import digits  # noqa: PLC0415 (the experiment config module)
+    from pcjax.configs import digits
 
     cfg = digits.get_config("smoke")
     cfg.model.widths = (8, 8)
