@@ -255,7 +255,7 @@ def _hand_built_run(tmp_path, cfg, num_steps):
         eval_every=1,
         train_step=step,
         eval_step=jax.jit(train.eval_step),
-        train_batches=(_batch(i) for i in range(num_steps)),
+        train_batches=(sharding.shard_batch(_batch(i), mesh) for i in range(num_steps)),
         eval_batches=lambda: iter([eval_set]),
         manager=checkpoint.create_manager(tmp_path, cfg.train.checkpoint_every_steps, 2),
         writer=_Recorder(),
