@@ -182,8 +182,9 @@ def _prepare_command(name: str, data_dir: str | None) -> str:
 def _tfds_decoders(name: str) -> dict[str, Any] | None:
     import tensorflow_datasets as tfds
 
-    # ImageNet JPEGs stay encoded so the training crop decodes only the pixels it keeps.
-    return {"image": tfds.decode.SkipDecoding()} if name == "imagenet2012" else None
+    # Images stay encoded: decoding happens in the parallel TF map (outside Python's lock), and
+    # the ImageNet training crop decodes only the pixels it keeps.
+    return {"image": tfds.decode.SkipDecoding()}
 
 
 def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Any]:
@@ -263,10 +264,8 @@ def _stack(records: list[dict[str, Any]], name: str, image_spec: tf.TensorSpec) 
 
 def _record_spec(name: str, image_size: int) -> tf.TensorSpec:
     """Shape and dtype of a batch of records as read (before preprocessing)."""
-    if name == "imagenet2012":
-        return tf.TensorSpec([None], tf.string)
-    if name == "cifar10":
-        return tf.TensorSpec([None, 32, 32, 3], tf.uint8)
+    if spec(name).tfds:
+        return tf.TensorSpec([None], tf.string)  # encoded JPEG (ImageNet) or PNG (CIFAR-10)
     return tf.TensorSpec([None, *image_shape(name, image_size)], tf.float32)
 
 
@@ -292,11 +291,15 @@ def _read_op(
 # Per-example preprocessing.
 
 
+def _decode_cifar(png: tf.Tensor) -> tf.Tensor:
+    return tf.ensure_shape(tf.io.decode_png(png, channels=3), [32, 32, 3])
+
+
 def _train_image_fn(name: str, image_size: int) -> Callable[[tf.Tensor, tf.Tensor], tf.Tensor]:
     if name == "imagenet2012":
         return lambda image, seed: preprocessing.imagenet_train_preprocess(image, seed, image_size)
     if name == "cifar10":
-        return preprocessing.cifar_train_preprocess
+        return lambda png, seed: preprocessing.cifar_train_preprocess(_decode_cifar(png), seed)
     if name == "digits_canvas":
         return lambda image, seed: image  # no augmentation: the placements are the variability
     padding = image_size // 8
@@ -308,7 +311,7 @@ def _eval_image_fn(name: str, image_size: int) -> Callable[[tf.Tensor], tf.Tenso
     if name == "imagenet2012":
         return lambda image: preprocessing.imagenet_eval_preprocess(image, image_size)
     if name == "cifar10":
-        return preprocessing.cifar_eval_preprocess
+        return lambda png: preprocessing.cifar_eval_preprocess(_decode_cifar(png))
     return lambda image: image  # digits: already standardised by `toy_data`
 
 

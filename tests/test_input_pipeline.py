@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from pcjax import config_lib, datasets, input_pipeline, sharding, toy_data
+from pcjax import config_lib, datasets, input_pipeline, sharding, synthetic_tfds, toy_data
 
 MEAN = np.array(datasets.IMAGENET_MEAN, np.float64)
 STD = np.array(datasets.IMAGENET_STD, np.float64)
@@ -185,49 +185,13 @@ def test_device_prefetcher_raises_the_producer_error():
 CIFAR_TRAIN, CIFAR_TEST, IMAGENET_TRAIN, IMAGENET_VAL = 12, 5, 10, 5
 
 
-def _tiny_builder(name, splits, example_fn):
-    """A subclass of TFDS's own builder for `name` that generates a few synthetic examples."""
-
-    class Tiny(tfds.builder_cls(name), skip_registration=True):
-        MANUAL_DOWNLOAD_INSTRUCTIONS = "synthetic"
-
-        def _split_generators(self, dl_manager):
-            return {split: self._examples(seed, n) for seed, (split, n) in enumerate(splits)}
-
-        def _examples(self, seed, n):
-            rng = np.random.default_rng(seed)
-            for i in range(n):
-                yield f"{seed}-{i}", example_fn(rng, i)
-
-    Tiny.name = name
-    return Tiny
-
-
-def _cifar_example(rng, i):
-    return {"id": f"x{i}", "image": rng.integers(0, 256, (32, 32, 3), np.uint8), "label": i % 10}
-
-
-def _imagenet_example(rng, i):
-    height, width = rng.integers(40, 90, 2)
-    image = rng.integers(0, 256, (height, width, 3), np.uint8)
-    return {"file_name": f"x{i}.JPEG", "image": image, "label": i % 7}
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tfds")
-    manual = tfds.download.DownloadConfig(manual_dir=str(root / "manual"))
-    for name, splits, fn in [
-        ("cifar10", [("train", CIFAR_TRAIN), ("test", CIFAR_TEST)], _cifar_example),
-        (
-            "imagenet2012",
-            [("train", IMAGENET_TRAIN), ("validation", IMAGENET_VAL)],
-            _imagenet_example,
-        ),
-    ]:
-        builder = _tiny_builder(name, splits, fn)(data_dir=str(root), file_format="array_record")
-        builder.download_and_prepare(download_config=manual)
-    return str(root)
+    root = str(tmp_path_factory.mktemp("tfds"))
+    synthetic_tfds.prepare("cifar10", root, [("train", CIFAR_TRAIN), ("test", CIFAR_TEST)])
+    splits = [("train", IMAGENET_TRAIN), ("validation", IMAGENET_VAL)]
+    synthetic_tfds.prepare("imagenet2012", root, splits, small=True)
+    return root
 
 
 def _raw_split(data_dir, name, split):
@@ -361,8 +325,7 @@ def test_validation_gives_the_prepare_command(tmp_path, name):
 def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path):
     config_lib.validate_data(_config("cifar10", data_dir))
     config_lib.validate_data(_config("digits", None))
-    builder = _tiny_builder("cifar10", [("train", 4), ("test", 2)], _cifar_example)
-    builder(data_dir=str(tmp_path), file_format="tfrecord").download_and_prepare()
+    synthetic_tfds.prepare("cifar10", str(tmp_path), [("train", 4), ("test", 2)], "tfrecord")
     with pytest.raises(
         config_lib.ConfigError, match="tfds build cifar10 --file_format=array_record"
     ):
