@@ -1,22 +1,23 @@
-"""Class separation layer by layer: phase collapse (mod) versus phase-preserving thresholdings.
+"""Separation study: phase collapse (mod) versus phase-preserving thresholdings, layer by layer.
 
     python experiments/separation.py --workdir=workdirs/separation
 
-trains the same phase-collapse net (pcjax/configs/digits_canvas.py) once per
-non-linearity (mod, cst, ms, mc, tanh) on digits pasted at random positions of 32x32 canvases,
-one workdir per non-linearity (`<workdir>/<block_type>/<rho>`, so rerunning the command resumes
-or only re-analyses), then measures class separation at the input and after every block on the
-train and test sets (`pcjax.analysis.layerwise_separation`) and writes docs/separation/
-results.md, results.csv and separation_vs_depth.png. The paper's claim (REFERENCE.md 5) is that
-iterated phase collapses progressively separate classes while thresholdings do not; the report
-states whether these runs show it, with the numbers.
-
-The logic is `run_separation`, importable from a notebook; `main` only parses flags.
+For every block type (rho_psi, linear_plus_rho) and non-linearity (mod, cst, ms, mc, tanh), trains
+the same phase-collapse net (pcjax/configs/digits_canvas.py) on digits pasted at random positions
+of 32x32 canvases: first once per learning rate of a small grid (seed 0), scored on a validation
+split carved from the training set, then at the chosen rate with further seeds. Every run is
+saved under `<workdir>/<block type>/<rho>/lr<lr>/seed<seed>/` and skipped when rerun, so the
+command resumes. The final networks are then measured at the input and after every block
+(class separation, nearest class mean, neural collapse: `pcjax.analysis`), and the report goes
+to docs/separation/ (results.md, runs.csv, layers.csv, plots). Config fields are overridden with
+config_flags, e.g. `--config.optim.num_epochs=10 --config.model.widths='(8,16,16,32)'`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import json
 import os
 import shlex
 import sys
@@ -31,47 +32,37 @@ from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pcjax import analysis, config_lib, configs, data, filters, models, train, wavelets  # noqa: E402
+from pcjax import analysis, config_lib, configs, data, layers, metrics, models, train  # noqa: E402
 from pcjax.configs import digits_canvas  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = ROOT / "docs" / "separation"
 NONLINEARITIES = models.TABLE2_NONLINEARITIES  # ("mod", "cst", "ms", "mc", "tanh")
+BLOCK_TYPES = layers.BLOCK_TYPES  # ("rho_psi", "linear_plus_rho")
 ANALYSIS_BATCH_SIZE = 128
 
-# Per-layer measures written to the CSV, in column order: (CSV name, layerwise_separation key).
-MEASURES = (
-    ("train_trace_within", "train/trace_within"),
-    ("train_trace_between", "train/trace_between"),
-    ("train_fisher_ratio", "train/fisher_ratio"),
-    ("train_between_within_ratio", "train/between_within_ratio"),
-    ("test_fisher_ratio", "eval/fisher_ratio"),
-    ("test_between_within_ratio", "eval/between_within_ratio"),
-    ("train_ncm_accuracy", "train/ncm_accuracy"),
-    ("test_ncm_accuracy", "eval/ncm_accuracy"),
-    ("train_probe_accuracy", "train/probe_accuracy"),
-    ("test_probe_accuracy", "eval/probe_accuracy"),
-)
-CSV_COLUMNS = (
-    "nonlinearity",
-    "block_type",
-    "layer",
-    "depth",
-    "dim",
-    "train_top1",
-    "test_top1",
-) + tuple(name for name, _ in MEASURES)
+# --- Training runs: one (block type, non-linearity, learning rate, seed) each --------------------
 
-# Tables of results.md: (CSV column, title, whether higher means better separated).
-_MD_TABLES = (
-    ("train_between_within_ratio", "Between/within ratio tr(Σ_B)/tr(Σ_W), train set", True),
-    ("test_between_within_ratio", "Between/within ratio tr(Σ_B)/tr(Σ_W), test set", True),
-    ("train_fisher_ratio", "Fisher ratio tr(Σ_W)/tr(Σ_B), train set", False),
-    ("test_fisher_ratio", "Fisher ratio tr(Σ_W)/tr(Σ_B), test set", False),
-    ("test_ncm_accuracy", "Nearest-class-mean accuracy, test set (train means)", True),
-    ("train_ncm_accuracy", "Nearest-class-mean accuracy, train set", True),
-    ("test_probe_accuracy", "Linear-probe accuracy, test set", True),
-    ("train_probe_accuracy", "Linear-probe accuracy, train set", True),
-)
+
+def carve_validation(
+    images: np.ndarray, labels: np.ndarray, fraction: float, seed: int = 0
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Stratified (fit, validation) split of a training set; the test set is never touched."""
+    from sklearn.model_selection import train_test_split
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must lie in (0, 1), got {fraction!r}.")
+    idx = np.arange(len(labels))
+    fit, val = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    fit, val = np.sort(fit), np.sort(val)
+    return (images[fit], labels[fit]), (images[val], labels[val])
+
+
+def load_splits(config: Any, validation_fraction: float) -> dict[str, tuple[np.ndarray, ...]]:
+    """{"fit", "val", "test"}: the digits-canvas train split carved into fit + validation."""
+    size = config.data.image_size or data.DATASETS[config.data.name].image_size
+    splits = data.load_digits_canvas_split(size)
+    fit, val = carve_validation(*splits["train"], validation_fraction)
+    return {"fit": fit, "val": val, "test": splits["test"]}
 
 
 def _batches(
@@ -88,420 +79,591 @@ def _batches(
         }
 
 
-def _classifier_accuracy(
-    model: Any, variables: Mapping[str, Any], images: np.ndarray, labels: np.ndarray
-) -> float:
-    """Top-1 accuracy of the trained network on a whole split (evaluation mode)."""
+def run_config(base: Any, rho: str, block_type: str, lr: float, seed: int) -> Any:
+    """`base` with the non-linearity, block type, learning rate and seed of one run."""
+    config = base.copy_and_resolve_references()
+    config.model.name = f"{config.data.name}/{rho}/{block_type}"
+    config.model.nonlinearity, config.model.block_type = rho, block_type
+    config.optim.learning_rate = float(lr)
+    config.seed = int(seed)
+    config_lib.validate(config)
+    return config
+
+
+def run_name(rho: str, block_type: str, lr: float, seed: int) -> str:
+    return f"{block_type}/{rho}/lr{lr:g}/seed{seed}"
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(model: Any, optim: tuple, steps_per_epoch: int, image_shape: tuple) -> tuple:
+    """(init, step, eval) jitted once per network and recipe, shared by every rate and seed.
+
+    The optimiser is the trainer's (`pcjax.train.create_optimizer`: coupled weight decay, SGD
+    with momentum, step decay) with the base rate factored out into a trailing
+    `optax.scale`, whose factor is a state value (`optax.inject_hyperparams`): the update
+    -lr0 * decay(step) * momentum_buffer is the same, and changing lr0 does not recompile.
+    """
+    import jax
+    import optax
+
+    weight_decay, momentum, nesterov, decay_epochs, decay_factor = optim
+    boundary = decay_epochs * steps_per_epoch
+    unit = lambda step: decay_factor ** (step // boundary)  # noqa: E731
+    tx = optax.chain(
+        optax.add_decayed_weights(weight_decay),
+        optax.sgd(unit, momentum=momentum or None, nesterov=nesterov),
+        optax.inject_hyperparams(optax.scale)(step_size=1.0),
+    )
+    init = jax.jit(functools.partial(train.create_train_state, model, tx, image_shape=image_shape))
+    step = jax.jit(functools.partial(train.train_step, learning_rate_fn=unit))
+    return init, step, jax.jit(train.eval_step)
+
+
+def train_one(
+    config: Any, splits: Mapping[str, Any], run_dir: Path, train_missing: bool = True
+) -> dict[str, Any] | None:
+    """Trains one network on the fit split with pcjax's train step; resumable per run.
+
+    Every epoch: a fresh permutation (seeded by config.seed and the epoch), full batches only
+    (as the trainer), then the validation accuracy. At the end, the accuracy of the final
+    network on fit, validation and test sets (evaluation mode) and its variables
+    (`variables.msgpack`). `result.json` is written last: if it exists the run is skipped.
+    """
+    import flax
     import jax
     import jax.numpy as jnp
 
-    predict = jax.jit(lambda v, x: jnp.argmax(model.apply(v, x, train=False), axis=-1))
-    correct = 0.0
-    for batch in _batches(images, labels, ANALYSIS_BATCH_SIZE):
-        pred = np.asarray(predict(variables, jnp.asarray(batch["image"])))
-        correct += float(np.sum((pred == batch["label"]) * batch["mask"]))
-    return correct / len(labels)
+    done = run_dir / "result.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    if not train_missing:
+        return None
+    tick = time.perf_counter()
+    model = config_lib.build_model(config)
+    (x_fit, y_fit) = splits["fit"]
+    batch = config.data.global_batch_size
+    steps_per_epoch = max(1, len(y_fit) // batch)
+    o = config.optim
+    init, step, eval_step = _compiled(
+        model,
+        (o.weight_decay, o.momentum, o.nesterov, o.lr_decay_epochs, o.lr_decay_factor),
+        steps_per_epoch,
+        tuple(x_fit.shape[1:]),
+    )
+    state = init(jax.random.key(config.seed))
+    scale = state.opt_state[-1]
+    scale.hyperparams["step_size"] = jnp.asarray(o.learning_rate, jnp.float32)
+
+    def accuracy(split: str) -> float:
+        images, labels = splits[split]
+        sums = None
+        for b in _batches(images, labels, ANALYSIS_BATCH_SIZE):
+            s = eval_step(state, {k: jnp.asarray(v) for k, v in b.items()})
+            sums = s if sums is None else jax.tree.map(jnp.add, sums, s)
+        return metrics.finalize(jax.device_get(sums))["top1"]
+
+    curve = []
+    for epoch in range(o.num_epochs):
+        order = np.random.default_rng([config.seed, epoch]).permutation(len(y_fit))
+        losses, top1 = [], []
+        for i in range(steps_per_epoch):
+            idx = order[i * batch : (i + 1) * batch]
+            state, out = step(state, {"image": x_fit[idx], "label": y_fit[idx]})
+            losses.append(out["loss"])
+            top1.append(out["top1"])
+        loss = float(np.mean(jax.device_get(losses)))
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"{run_dir}: non-finite training loss at epoch {epoch}.")
+        curve.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": loss,
+                "train_top1_running": float(np.mean(jax.device_get(top1))),
+                "val_top1": accuracy("val"),
+            }
+        )
+        logging.info("%s epoch %d: %s", run_dir, epoch + 1, curve[-1])
+    result = {
+        "fit_top1": accuracy("fit"),
+        "val_top1": accuracy("val"),
+        "test_top1": accuracy("test"),
+        "curve": curve,
+        "steps": int(state.step),
+        "train_seconds": time.perf_counter() - tick,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    (run_dir / "variables.msgpack").write_bytes(
+        flax.serialization.msgpack_serialize(jax.device_get(variables))
+    )
+    done.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def _resolutions(image_size: int, num_blocks: int) -> list[int]:
-    """Side of the input and of each block's output (factorised banks, no standard block)."""
-    sizes = [image_size]
-    for mode in filters.block_filter_modes(num_blocks, 0):
-        sizes.append(wavelets.output_size(sizes[-1], filters.mode_subsamples(mode)))
-    return sizes
+def load_run_variables(config: Any, run_dir: Path) -> dict[str, Any]:
+    """The variables `train_one` saved, restored against the network's own structure."""
+    import flax
+    import jax
+    import jax.numpy as jnp
+
+    model = config_lib.build_model(config)
+    size = config.data.image_size or data.DATASETS[config.data.name].image_size
+    x = jnp.zeros((1, size, size, 1))
+    target = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(target))
+    return flax.serialization.from_bytes(target, (run_dir / "variables.msgpack").read_bytes())
 
 
-def _ratio_floor(num_examples: int, num_classes: int) -> float:
-    """(K - 1) / (N - K): the between/within ratio of data whose classes have equal means.
+def train_all(
+    base: Any,
+    workdir: Path,
+    splits: Mapping[str, Any],
+    nonlinearities: Sequence[str],
+    block_types: Sequence[str],
+    learning_rates: Sequence[float],
+    num_seeds: int,
+    train_missing: bool = True,
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """The learning-rate grid (seed 0) then the other seeds at the chosen rate, per network.
 
-    With estimated class means, E tr(Sigma_B) ~ (K - 1) / N tr(Sigma) and E tr(Sigma_W) ~
-    (N - K) / N tr(Sigma) for features whose class means coincide, so measured ratios near this
-    value carry no class information.
-    """
-    return (num_classes - 1) / (num_examples - num_classes)
-
-
-def _layer_depth(layer: str) -> int:
-    return 0 if layer == analysis.INPUT else int(layer.removeprefix("block")) + 1
-
-
-def analyse_run(
-    config: Any,
-    workdir: str | Path,
-    *,
-    pooling: str | None = None,
-    linear_probe: bool = True,
-    probe_steps: int = 200,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Loads a trained run and measures class separation at its input and after every block.
-
-    Args:
-        config: the run's config (model and dataset).
-        workdir: its training directory (checkpoints under workdir/checkpoints).
-        pooling: `layerwise_separation` pooling (None: every coordinate of each layer).
-        linear_probe: also fit a linear probe per layer.
-        probe_steps: L-BFGS iterations of each probe.
+    The rate is chosen by the final validation accuracy of seed 0 (ties: the smaller rate);
+    the test set plays no part in it. With `train_missing` False, networks with a missing run
+    are left out (an analysis of what has finished).
 
     Returns:
-        ({"train_top1", "test_top1"} of the network's own classifier,
-         {layer: measures of `layerwise_separation`}).
+        {(block_type, rho): {"grid": {lr: result}, "lr": chosen, "seeds": [result per seed]}}.
     """
+    out = {}
+    for block_type in block_types:
+        for rho in nonlinearities:
+
+            def run(lr: float, seed: int, rho=rho, block_type=block_type) -> dict | None:
+                config = run_config(base, rho, block_type, lr, seed)
+                path = workdir / run_name(rho, block_type, lr, seed)
+                result = train_one(config, splits, path, train_missing)
+                if result is not None:
+                    result.update(lr=lr, seed=seed, dir=str(path))
+                return result
+
+            grid = {lr: run(lr, 0) for lr in learning_rates}
+            if any(r is None for r in grid.values()):
+                continue
+            best = max(learning_rates, key=lambda lr: (grid[lr]["val_top1"], -lr))
+            seeds = [grid[best]] + [run(best, seed) for seed in range(1, num_seeds)]
+            if any(r is None for r in seeds):
+                continue
+            out[(block_type, rho)] = {"grid": grid, "lr": best, "seeds": seeds}
+            logging.info(
+                "%s/%s: lr %g, test top-1 %s",
+                block_type,
+                rho,
+                best,
+                [round(r["test_top1"], 4) for r in seeds],
+            )
+    return out
+
+
+# --- Measures of the trained networks ----------------------------------------------------------
+
+
+def analyse_run(config: Any, run_dir: Path, splits: Mapping[str, Any]) -> dict[str, dict]:
+    """Per-layer separation and neural-collapse measures of one trained run (cached on disk).
+
+    Train-set measures use the fit split (the network's training data); "eval/" ones the test
+    set with the fit split's class means. The head's linear classifier gives NC3 at "head/bn".
+    """
+    import jax
+
+    cached = run_dir / "analysis.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
     model = config_lib.build_model(config)
-    shape = data.image_shape(config.data.name, config.data.image_size)
-    variables = analysis.load_variables_from_workdir(workdir, model, shape)
-    splits = data.load_digits_canvas_split(shape[0])
-    (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
-    accuracy = {
-        "train_top1": _classifier_accuracy(model, variables, x_train, y_train),
-        "test_top1": _classifier_accuracy(model, variables, x_test, y_test),
-    }
-    results = analysis.layerwise_separation(
+    variables = load_run_variables(config, run_dir)
+    x_fit, y_fit = splits["fit"]
+    x_test, y_test = splits["test"]
+    feats, _ = jax.eval_shape(
+        lambda v, x: analysis.capture_with_output(model, v, x, [analysis.CLASSIFIER_LAYER]),
+        variables,
+        x_fit[:1],
+    )
+    shape = feats[analysis.CLASSIFIER_LAYER].shape[1:]
+    classifier = analysis.phase_collapse_classifier(variables, shape)
+    result = analysis.layerwise_separation(
         model,
         variables,
-        lambda: _batches(x_train, y_train, ANALYSIS_BATCH_SIZE),
-        data.num_classes(config.data.name),
+        lambda: _batches(x_fit, y_fit, ANALYSIS_BATCH_SIZE),
+        config_lib.NUM_CLASSES[config.data.name],
         eval_batches=lambda: _batches(x_test, y_test, ANALYSIS_BATCH_SIZE),
-        pooling=pooling,
-        linear_probe=linear_probe,
-        probe_steps=probe_steps,
+        classifier=(analysis.CLASSIFIER_LAYER, classifier),
     )
-    return accuracy, results
+    cached.write_text(json.dumps(result, indent=1))
+    return result
 
 
-def run_separation(
+def run_study(
     workdir: str | Path,
-    nonlinearities: Sequence[str] = NONLINEARITIES,
-    block_type: str = "rho_psi",
-    num_epochs: int | None = None,
-    *,
     config: Any = None,
+    *,
+    nonlinearities: Sequence[str] = NONLINEARITIES,
+    block_types: Sequence[str] = BLOCK_TYPES,
+    learning_rates: Sequence[float] = (0.01, 0.03),
+    num_seeds: int = 3,
+    validation_fraction: float = 0.2,
     output_dir: str | Path = DEFAULT_OUTPUT_DIR,
-    pooling: str | None = None,
-    linear_probe: bool = True,
-    probe_steps: int = 200,
+    train_missing: bool = True,
+    analyse: bool = True,
     command: str | None = None,
-) -> list[dict[str, Any]]:
-    """Trains one network per non-linearity, measures separation per layer, writes the report.
-
-    Every network is "digits_canvas/{rho}/{block_type}" with the same config
-    (`config`), trained by `pcjax.train.train_and_evaluate`
-    in `workdir/block_type/rho` (resumed if a checkpoint is there), then analysed by
-    `analyse_run`.
-
-    Args:
-        workdir: parent directory of the training runs.
-        nonlinearities: non-linearities to compare (names of `pcjax.nonlinear`).
-        block_type: "rho_psi" or "linear_plus_rho".
-        num_epochs: training epochs (None: the config's).
-        config: the shared config (None: `pcjax.configs.digits_canvas.get_config()`); its
-            model.name is replaced per non-linearity.
-        output_dir: where results.md, results.csv and separation_vs_depth.png go.
-        pooling: None (flatten each layer) or "mean" (spatial mean first).
-        linear_probe: fit linear probes (the slowest part of the analysis).
-        probe_steps: L-BFGS iterations per probe.
-        command: the command line to record in results.md (None: a Python call).
+) -> dict[str, Any]:
+    """Trains (or resumes) every run, then measures and reports (see the module docstring).
 
     Returns:
-        The CSV rows (one per non-linearity and layer), as dicts keyed by `CSV_COLUMNS`.
+        {"networks": train_all's dict, "layers": {(block_type, rho): [per-seed analysis]}}.
     """
     start = time.perf_counter()
-    workdir, output_dir = Path(workdir), Path(output_dir)
-    rows: list[dict[str, Any]] = []
-    timings: dict[str, tuple[float, float]] = {}
+    workdir = Path(workdir)
     base = digits_canvas.get_config() if config is None else config
-    for rho in nonlinearities:
-        config = base.copy_and_resolve_references()
-        config.model.name = f"digits_canvas/{rho}/{block_type}"
-        config.model.nonlinearity, config.model.block_type = rho, block_type
-        if num_epochs is not None:
-            config.optim.num_epochs = num_epochs
-        run_dir = workdir / block_type / rho
-        tick = time.perf_counter()
-        eval_metrics = train.train_and_evaluate(config, str(run_dir))
-        train_seconds = time.perf_counter() - tick
-        logging.info("%s trained in %.0f s: %s", rho, train_seconds, eval_metrics)
-        tick = time.perf_counter()
-        accuracy, per_layer = analyse_run(
-            config, run_dir, pooling=pooling, linear_probe=linear_probe, probe_steps=probe_steps
-        )
-        timings[rho] = (train_seconds, time.perf_counter() - tick)
-        logging.info("%s analysed in %.0f s", rho, timings[rho][1])
-        for layer, measures in per_layer.items():
-            row = {
-                "nonlinearity": rho,
-                "block_type": block_type,
-                "layer": layer,
-                "depth": _layer_depth(layer),
-                "dim": int(measures["dim"]),
-                **accuracy,
-            }
-            row.update({name: measures.get(key, float("nan")) for name, key in MEASURES})
-            rows.append(row)
-    wall = time.perf_counter() - start
-    if command is None:
-        command = (
-            f"run_separation({str(workdir)!r}, nonlinearities={tuple(nonlinearities)!r}, "
-            f"block_type={block_type!r}, num_epochs={num_epochs!r}, pooling={pooling!r})"
-        )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, output_dir / "results.csv")
-    plot_separation(rows, output_dir / "separation_vs_depth.png")
-    write_markdown(
-        rows,
-        output_dir / "results.md",
-        command=command,
-        wall_seconds=wall,
-        config=config,
-        pooling=pooling,
-        timings=timings,
+    splits = load_splits(base, validation_fraction)
+    networks = train_all(
+        base,
+        workdir,
+        splits,
+        nonlinearities,
+        block_types,
+        learning_rates,
+        num_seeds,
+        train_missing,
     )
-    logging.info("Separation report in %s (%.0f s).", output_dir, wall)
-    return rows
+    per_layer: dict[tuple[str, str], list[dict]] = {}
+    if analyse:
+        for (block_type, rho), net in networks.items():
+            per_layer[(block_type, rho)] = [
+                analyse_run(
+                    run_config(base, rho, block_type, r["lr"], r["seed"]), Path(r["dir"]), splits
+                )
+                for r in net["seeds"]
+            ]
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_report(
+            networks,
+            per_layer,
+            output_dir,
+            base=base,
+            splits=splits,
+            settings={
+                "nonlinearities": list(nonlinearities),
+                "block_types": list(block_types),
+                "learning_rates": list(learning_rates),
+                "num_seeds": num_seeds,
+                "validation_fraction": validation_fraction,
+            },
+            command=command or "run_study(...)",
+            wall_seconds=time.perf_counter() - start,
+        )
+    return {"networks": networks, "layers": per_layer}
 
 
 # --- Report ---------------------------------------------------------------------------------------
 
+# Per-layer measures of the report: (key of layerwise_separation, title, higher is better).
+LAYER_MEASURES = (
+    ("train/between_within_ratio", "Between/within ratio tr(Σ_B)/tr(Σ_W), fit set", True),
+    ("eval/ncm_accuracy", "Nearest-class-mean accuracy, test set (fit-set means)", True),
+    ("train/nc1", "NC1 = tr(Σ_W Σ_B⁺)/K, fit set", False),
+    ("train/nc2_equinorm", "NC2 equinorm (CV of centred class-mean norms)", False),
+    ("train/nc2_max_angle", "NC2 mean |cos + 1/(K−1)| of centred class means", False),
+    ("train/nc4", "NC4: NCM agrees with the network's prediction, fit set", True),
+    ("eval/nc4", "NC4 on the test set (fit-set means)", True),
+)
+PAPER = {"mod": 7.7, "cst": 22.5}  # CIFAR-10 test error %, skip network (linear_plus_rho)
 
-def write_csv(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """One line per (non-linearity, layer), columns `CSV_COLUMNS`; floats with 6 significant."""
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+
+
+def _pm(values: Sequence[float], scale: float = 1.0, digits: int = 2) -> str:
+    m, s = _mean_std(np.asarray(values) * scale)
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _layer_order(layers: Mapping[str, Any]) -> list[str]:
+    return list(layers)
+
+
+def write_runs_csv(networks: Mapping, path: Path) -> None:
+    """One line per training run (grid and seeds), with its final accuracies and time."""
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "block_type",
+                "nonlinearity",
+                "lr",
+                "seed",
+                "chosen_lr",
+                "fit_top1",
+                "val_top1",
+                "test_top1",
+                "final_train_loss",
+                "train_seconds",
+            ]
+        )
+        for (block_type, rho), net in networks.items():
+            runs = {(r["lr"], r["seed"]): r for r in [*net["grid"].values(), *net["seeds"]]}
+            for (lr, seed), r in sorted(runs.items()):
+                w.writerow(
+                    [
+                        block_type,
+                        rho,
+                        lr,
+                        seed,
+                        lr == net["lr"],
+                        f"{r['fit_top1']:.6g}",
+                        f"{r['val_top1']:.6g}",
+                        f"{r['test_top1']:.6g}",
+                        f"{r['curve'][-1]['train_loss']:.6g}",
+                        f"{r['train_seconds']:.1f}",
+                    ]
+                )
 
 
-def _by_rho(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
-    out: dict[str, list[Mapping[str, Any]]] = {}
-    for row in rows:
-        out.setdefault(row["nonlinearity"], []).append(row)
-    for rho_rows in out.values():
-        rho_rows.sort(key=lambda r: r["depth"])
-    return out
+def write_layers_csv(networks: Mapping, per_layer: Mapping, path: Path) -> None:
+    """One line per (network, seed, layer) with every measure of `layerwise_separation`."""
+    keys = sorted({m for runs in per_layer.values() for a in runs for r in a.values() for m in r})
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["block_type", "nonlinearity", "lr", "seed", "layer", *keys])
+        for (block_type, rho), runs in per_layer.items():
+            for r, layers_ in zip(networks[(block_type, rho)]["seeds"], runs, strict=True):
+                for layer, m in layers_.items():
+                    w.writerow(
+                        [block_type, rho, r["lr"], r["seed"], layer]
+                        + [f"{m[k]:.6g}" if k in m else "" for k in keys]
+                    )
 
 
-def plot_separation(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Three panels vs depth, one line per non-linearity: train between/within ratio (log
-    scale), test NCM accuracy, test linear-probe accuracy."""
+def plot_curves(networks: Mapping, path: Path) -> None:
+    """Training loss and validation accuracy per epoch (mean over seeds), one line per network."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    block_types = sorted({bt for bt, _ in networks})
+    fig, axes = plt.subplots(
+        2, len(block_types), figsize=(5.5 * len(block_types), 6.5), squeeze=False
+    )
+    for col, bt in enumerate(block_types):
+        for (b, rho), net in networks.items():
+            if b != bt:
+                continue
+            epochs = [c["epoch"] for c in net["seeds"][0]["curve"]]
+            for row, key in enumerate(("train_loss", "val_top1")):
+                values = np.array([[c[key] for c in r["curve"]] for r in net["seeds"]])
+                axes[row, col].errorbar(
+                    epochs,
+                    values.mean(0),
+                    yerr=values.std(0),
+                    marker="o",
+                    capsize=2,
+                    label=f"{rho} (lr {net['lr']:g})",
+                )
+        axes[0, col].set_title(f"{bt}: training loss (running, per epoch)")
+        axes[0, col].set_yscale("log")
+        axes[1, col].set_title(f"{bt}: validation top-1")
+        for ax in axes[:, col]:
+            ax.set_xlabel("epoch")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_layers(per_layer: Mapping, path: Path) -> None:
+    """Between/within ratio, NC1 and test NCM accuracy vs depth (mean ± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = (
-        ("train_between_within_ratio", "between/within ratio (train)", True),
-        ("test_ncm_accuracy", "NCM accuracy (test, train means)", False),
-        ("test_probe_accuracy", "linear-probe accuracy (test)", False),
+        ("train/between_within_ratio", "between/within ratio (fit set)", True),
+        ("train/nc1", "NC1 (fit set, lower = more collapsed)", True),
+        ("eval/ncm_accuracy", "NCM accuracy (test set)", False),
     )
-    fig, axes = plt.subplots(1, len(panels), figsize=(13, 3.8))
-    by_rho = _by_rho(rows)
-    for ax, (column, title, log) in zip(axes, panels, strict=True):
-        for rho, rho_rows in by_rho.items():
-            depth = [r["depth"] for r in rho_rows]
-            ax.plot(depth, [r[column] for r in rho_rows], marker="o", label=rho)
-        ticks = [r["depth"] for r in next(iter(by_rho.values()))]
-        ax.set_xticks(ticks, ["input"] + [f"block {d - 1}" for d in ticks[1:]], rotation=30)
-        ax.set_title(title)
-        if log:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    axes[0].legend(title="non-linearity")
+    block_types = sorted({bt for bt, _ in per_layer})
+    fig, axes = plt.subplots(
+        len(block_types), len(panels), figsize=(15, 3.6 * len(block_types)), squeeze=False
+    )
+    for row, bt in enumerate(block_types):
+        for col, (key, title, log) in enumerate(panels):
+            ax = axes[row, col]
+            for (b, rho), runs in per_layer.items():
+                if b != bt:
+                    continue
+                layers_ = [k for k in runs[0] if k != analysis.CLASSIFIER_LAYER]
+                values = np.array([[a[k][key] for k in layers_] for a in runs])
+                ax.errorbar(
+                    range(len(layers_)),
+                    values.mean(0),
+                    yerr=values.std(0),
+                    marker="o",
+                    capsize=2,
+                    label=rho,
+                )
+                ax.set_xticks(range(len(layers_)), layers_, rotation=30)
+            ax.set_title(f"{bt}: {title}", fontsize=10)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[row, 0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _fmt(value: float) -> str:
-    if value != value:  # NaN
-        return "n/a"
-    return f"{value:.4g}" if abs(value) < 1000 else f"{value:.4e}"
-
-
-def _observations(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Plain statements read off the numbers (no interpretation beyond orderings)."""
-    by_rho = _by_rho(rows)
-    lines = []
-    if len(by_rho) < 2:
-        return ["Only one non-linearity was run: no comparison."]
-    top1 = {rho: r[0]["test_top1"] for rho, r in by_rho.items()}
-    order = sorted(top1, key=top1.get, reverse=True)
-    lines.append(
-        "Test accuracy of the trained networks, best first: "
-        + ", ".join(f"{rho} {top1[rho]:.4f}" for rho in order)
-        + "."
-    )
-    for column, label, higher in (
-        ("train_between_within_ratio", "train between/within ratio", True),
-        ("test_between_within_ratio", "test between/within ratio", True),
-        ("test_ncm_accuracy", "test NCM accuracy", True),
-        ("test_probe_accuracy", "test linear-probe accuracy", True),
-    ):
-        last = {rho: r[-1][column] for rho, r in by_rho.items()}
-        if all(v != v for v in last.values()):
-            continue
-        ranked = sorted(last, key=lambda k: -last[k] if higher else last[k])
-        lines.append(
-            f"Last block, {label}, best first: "
-            + ", ".join(f"{rho} {_fmt(last[rho])}" for rho in ranked)
-            + "."
-        )
-    for rho, rho_rows in by_rho.items():
-        values = [r["train_between_within_ratio"] for r in rho_rows]
-        steps = np.diff(values)
-        if np.all(steps > 0):
-            trend = "increases at every block"
-        elif np.all(steps < 0):
-            trend = "decreases at every block"
-        else:
-            trend = f"is not monotone ({int(np.sum(steps > 0))} of {len(steps)} blocks raise it)"
-        lines.append(
-            f"{rho}: the train between/within ratio {trend}: "
-            + " → ".join(_fmt(v) for v in values)
-            + "."
-        )
-    if "mod" in by_rho:
-        others = [rho for rho in by_rho if rho != "mod"]
-        checks = {
-            "test accuracy": {rho: by_rho[rho][0]["test_top1"] for rho in by_rho},
-            "last-block train between/within ratio": {
-                rho: by_rho[rho][-1]["train_between_within_ratio"] for rho in by_rho
-            },
-            "last-block test NCM accuracy": {
-                rho: by_rho[rho][-1]["test_ncm_accuracy"] for rho in by_rho
-            },
-        }
-        for what, values in checks.items():
-            beaten = [rho for rho in others if not values["mod"] > values[rho]]
-            if not beaten:
-                lines.append(f"mod is above every thresholding non-linearity in {what}.")
-            else:
-                lines.append(
-                    f"mod is NOT above every thresholding non-linearity in {what}: "
-                    + ", ".join(
-                        f"{rho} {_fmt(values[rho])} >= mod {_fmt(values['mod'])}" for rho in beaten
-                    )
-                    + "."
-                )
-    return lines
-
-
 def write_markdown(
-    rows: Sequence[Mapping[str, Any]],
-    path: str | Path,
+    networks: Mapping,
+    per_layer: Mapping,
+    path: Path,
     *,
+    base: Any,
+    splits: Mapping[str, Any],
+    settings: Mapping[str, Any],
     command: str,
     wall_seconds: float,
-    config: Any = None,
-    pooling: str | None = None,
-    timings: Mapping[str, tuple[float, float]] | None = None,
 ) -> None:
-    """results.md: set-up, accuracy table, one depth x non-linearity table per measure.
-
-    Args:
-        rows: `run_separation` rows.
-        path: output file.
-        command: command line recorded in the report.
-        wall_seconds: total wall time.
-        config: config of the last run (set-up section; None: omitted).
-        pooling: feature pooling used.
-        timings: {rho: (training seconds, analysis seconds)} (None: not reported); a resumed
-            run that was already finished reports only its final evaluation as training time.
-    """
-    timings = timings or {}
-    spec = data.DATASETS["digits_canvas"]
-    floor_train = _ratio_floor(spec.num_train_examples, spec.num_classes)
-    floor_test = _ratio_floor(spec.num_eval_examples, spec.num_classes)
-    by_rho = _by_rho(rows)
-    rhos = list(by_rho)
-    first = next(iter(by_rho.values()))
+    """results.md: set-up, budget, accuracies (mean ± std), the mod-vs-threshold gaps, per-layer
+    tables. Every number comes from the runs; nothing is typed in by hand."""
+    sizes = {k: len(v[1]) for k, v in splits.items()}
+    train_seconds = sum(
+        r["train_seconds"]
+        for net in networks.values()
+        for r in {id(x): x for x in [*net["grid"].values(), *net["seeds"]]}.values()
+    )
+    size = base.data.image_size or data.DATASETS[base.data.name].image_size
+    num_runs = sum(len(n["grid"]) + len(n["seeds"]) - 1 for n in networks.values())
     lines = [
-        "# Class separation vs depth: phase collapse vs thresholding",
+        "# Separation study: phase collapse vs phase-preserving thresholdings",
         "",
-        "Generated by `experiments/separation.py` (do not edit by hand; rerun it).",
+        "Generated by `experiments/separation.py` (rerun it; do not edit by hand).",
         "",
         f"Command: `{command}`",
         "",
-        f"Total wall time (training + analysis of {len(rhos)} networks): "
-        f"{wall_seconds:.0f} s ({wall_seconds / 60:.1f} min) on "
-        f"{os.cpu_count()} CPU cores (shared).",
+        f"Training time summed over the {num_runs} runs: {train_seconds / 60:.1f} min; this "
+        "invocation (training what was missing, measuring, reporting): "
+        f"{wall_seconds / 60:.1f} min, on {os.cpu_count()} shared CPU cores.",
         "",
         "## Set-up",
         "",
-    ]
-    if config is not None:
-        widths = config.model.widths
-        num_steps = config.train.num_steps
-        size = config.data.image_size or data.DATASETS[config.data.name].image_size
-        chain = " → ".join(str(n) for n in _resolutions(size, len(widths)))
-        lines += [
-            f"* Data: `{config.data.name}`, scikit-learn's 8x8 digits upsampled to 16x16 and "
-            "pasted at a random position (fixed per example) of a blank 32x32 canvas, "
-            "1,347 train / 450 test (stratified split), standardised with the train statistics, "
-            "no augmentation.",
-            f"* Network: `digits_canvas/<rho>/{rows[0]['block_type']}`, widths {tuple(widths)}, "
-            f"L = 8, factorised filters (resolution {chain}), "
-            "same architecture and recipe for every non-linearity.",
-            f"* Training: SGD lr {config.optim.learning_rate}, momentum {config.optim.momentum}, "
-            f"weight decay {config.optim.weight_decay}, batch {config.data.global_batch_size}, "
-            + (
-                f"{num_steps} steps"
-                if num_steps
-                else f"{config.optim.num_epochs} epochs (lr x{config.optim.lr_decay_factor} "
-                f"every {config.optim.lr_decay_epochs} epochs)"
-            )
-            + ", final checkpoint analysed.",
-        ]
-    lines += [
-        f"* Measures ([choice], REFERENCE.md 6.1; definitions in `pcjax/analysis.py`) on the "
-        f"input and on each block output U_k, flattened (pooling = {pooling!r}: every "
-        "coordinate, as the network's position-dependent linear classifier sees them), "
-        "complex features treated as vectors of C^d. Fisher ratio tr(Σ_W)/tr(Σ_B): lower is "
-        "better separated; between/within ratio tr(Σ_B)/tr(Σ_W): higher is better. NCM: "
-        "nearest class mean with the train class means. Linear probe: multinomial logistic "
-        "regression on [Re, Im] features count-sketched to at most 2048 dims, standardised, "
-        "L-BFGS.",
-        f"* Finite-sample floor of the between/within ratio (classes with equal means, "
-        f"(K − 1)/(N − K)): {floor_train:.4f} on the train set, {floor_test:.4f} on the test "
-        "set. The test-set ratio uses the test set's own (noisier) class means, so it tends "
-        "to sit higher than the train ratio for the same features; the plot and the trends "
-        "below use the train ratio.",
+        f"* Data: digits on {size}x{size} canvases (`{base.data.name}`), the train split carved "
+        f"into fit {sizes['fit']} / validation {sizes['val']} (stratified, "
+        f"{settings['validation_fraction']:g}); test {sizes['test']}, used only for the "
+        "reported accuracies and test-set measures.",
+        f"* Network: widths {tuple(base.model.widths)}, L = {base.model.num_angles}, "
+        f"factorised filters, block types {', '.join(sorted({bt for bt, _ in networks}))}.",
+        f"* Training: SGD momentum {base.optim.momentum}, weight decay "
+        f"{base.optim.weight_decay}, batch {base.data.global_batch_size}, "
+        f"{base.optim.num_epochs} epochs, lr x{base.optim.lr_decay_factor} after epoch "
+        f"{base.optim.lr_decay_epochs}.",
+        f"* Learning rate per network: the grid {settings['learning_rates']} with seed 0, chosen "
+        "by final validation accuracy; then seeds 1.."
+        f"{settings['num_seeds'] - 1} at the chosen rate. Mean ± std over "
+        f"{settings['num_seeds']} seeds (sample std).",
         "",
-        "## Accuracy of the trained networks",
+        "## Accuracy",
         "",
-        "| non-linearity | train top-1 | test top-1 | training (s) | analysis (s) |",
-        "|---|---|---|---|---|",
+        "| block type | ρ | lr (val. top-1 per grid lr) | fit top-1 | test top-1 | test error % |",
+        "|---|---|---|---|---|---|",
     ]
-    for rho in rhos:
-        r = by_rho[rho][0]
-        t_train, t_analysis = timings.get(rho, (float("nan"), float("nan")))
+    for (bt, rho), net in networks.items():
+        grid = ", ".join(f"{lr:g}: {r['val_top1']:.3f}" for lr, r in net["grid"].items())
         lines.append(
-            f"| {rho} | {r['train_top1']:.4f} | {r['test_top1']:.4f} | {t_train:.0f} | "
-            f"{t_analysis:.0f} |"
+            f"| {bt} | {rho} | **{net['lr']:g}** ({grid}) | "
+            f"{_pm([r['fit_top1'] for r in net['seeds']], digits=3)} | "
+            f"{_pm([r['test_top1'] for r in net['seeds']], digits=3)} | "
+            f"{_pm([1 - r['test_top1'] for r in net['seeds']], 100, 1)} |"
         )
-    lines += ["", "## Per-layer measures", ""]
-    header = "| layer | dim | " + " | ".join(rhos) + " |"
-    sep = "|---|---|" + "---|" * len(rhos)
-    for column, title, higher in _MD_TABLES:
-        lines += [
-            f"### {title} ({'higher' if higher else 'lower'} = better separated)",
-            "",
-            header,
-            sep,
-        ]
-        for i, row0 in enumerate(first):
-            cells = [_fmt(by_rho[rho][i][column]) for rho in rhos]
-            lines.append(f"| {row0['layer']} | {row0['dim']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Observations (read off the numbers above)", ""]
-    lines += [f"* {line}" for line in _observations(rows)]
+    lines += ["", "## Gap: thresholding minus mod, test error (percentage points)", ""]
+    lines += [
+        "Gap = mean error(ρ) − mean error(mod) ± its standard error sqrt(s²_ρ/n + s²_mod/n); "
+        "ratio = mean error(ρ) / mean error(mod). The paper (ICLR 2022 poster, CIFAR-10, skip "
+        f"network = `linear_plus_rho`): mod {PAPER['mod']} %, cst {PAPER['cst']} %, a gap of "
+        f"{PAPER['cst'] - PAPER['mod']:.1f} points, ratio {PAPER['cst'] / PAPER['mod']:.1f}.",
+        "",
+        "| block type | ρ | gap (points) | ratio |",
+        "|---|---|---|---|",
+    ]
+    for (bt, rho), net in networks.items():
+        if rho == "mod" or (bt, "mod") not in networks:
+            continue
+        err = np.array([1 - r["test_top1"] for r in net["seeds"]]) * 100
+        ref = np.array([1 - r["test_top1"] for r in networks[(bt, "mod")]["seeds"]]) * 100
+        se = np.sqrt(err.var(ddof=1) / len(err) + ref.var(ddof=1) / len(ref))
+        lines.append(
+            f"| {bt} | {rho} | {err.mean() - ref.mean():+.1f} ± {se:.1f} | "
+            f"{err.mean() / ref.mean():.2f} |"
+        )
+    lines += ["", "## Per-layer measures (mean ± std over seeds)", ""]
+    for key, title, higher in LAYER_MEASURES:
+        for bt in sorted({bt for bt, _ in per_layer}):
+            rhos = [rho for b, rho in per_layer if b == bt]
+            first = per_layer[(bt, rhos[0])][0]
+            layers_ = [k for k in first if key in first[k]]
+            lines += [
+                f"### {title} — {bt} ({'higher' if higher else 'lower'} = more separated)",
+                "",
+                "| layer | " + " | ".join(rhos) + " |",
+                "|---|" + "---|" * len(rhos),
+            ]
+            for layer in layers_:
+                cells = []
+                for rho in rhos:
+                    vals = [a[layer][key] for a in per_layer[(bt, rho)]]
+                    m, s = _mean_std(vals)
+                    cells.append(f"{m:.4g} ± {s:.2g}")
+                lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+            lines.append("")
+    lines += ["### NC3 self-duality at the classifier (head/bn), lower = more collapsed", ""]
+    lines += ["| block type | " + " | ".join(NONLINEARITIES) + " |", "|---|" + "---|" * 5]
+    for bt in sorted({bt for bt, _ in per_layer}):
+        cells = []
+        for rho in NONLINEARITIES:
+            runs = per_layer.get((bt, rho))
+            cells.append(
+                _pm([a[analysis.CLASSIFIER_LAYER]["train/nc3"] for a in runs], digits=3)
+                if runs
+                else "not run"
+            )
+        lines.append(f"| {bt} | " + " | ".join(cells) + " |")
+    missing = [
+        f"{bt}/{rho}"
+        for bt in settings["block_types"]
+        for rho in settings["nonlinearities"]
+        if (bt, rho) not in networks
+    ]
     lines += [
         "",
-        "Plot: `separation_vs_depth.png`. All rows: `results.csv`.",
+        "Not finished (left out above): " + (", ".join(missing) if missing else "none") + ".",
+        "",
+        "Plots: `curves.png` (training loss and validation accuracy per epoch), `layers.png` "
+        "(per-layer measures). Every run: `runs.csv`; every layer of every seed: `layers.csv`.",
         "",
     ]
-    Path(path).write_text("\n".join(lines))
+    path.write_text("\n".join(lines))
+
+
+def write_report(networks, per_layer, output_dir: Path, **kwargs) -> None:
+    """Every file of the report in `output_dir`."""
+    write_runs_csv(networks, output_dir / "runs.csv")
+    plot_curves(networks, output_dir / "curves.png")
+    if per_layer:
+        write_layers_csv(networks, per_layer, output_dir / "layers.csv")
+        plot_layers(per_layer, output_dir / "layers.png")
+    write_markdown(networks, per_layer, output_dir / "results.md", **kwargs)
 
 
 # --- Command line ---------------------------------------------------------------------------------
@@ -509,35 +671,37 @@ def write_markdown(
 
 def _define_flags() -> None:
     """Flags of the command line, defined only when run as a script (importing stays clean)."""
-    flags.DEFINE_string(
-        "workdir", None, "Parent of the per-non-linearity training directories.", required=True
-    )
+    flags.DEFINE_string("workdir", None, "Parent of the per-run directories.", required=True)
     flags.DEFINE_list("nonlinearities", list(NONLINEARITIES), "Non-linearities to compare.")
-    flags.DEFINE_enum("block_type", "rho_psi", ["rho_psi", "linear_plus_rho"], "Block type.")
-    flags.DEFINE_integer("num_epochs", None, "Training epochs (default: the config's).")
+    flags.DEFINE_list("block_types", list(BLOCK_TYPES), "Block types.")
+    flags.DEFINE_list("learning_rates", ["0.01", "0.03"], "Learning-rate grid (seed 0).")
+    flags.DEFINE_integer("num_seeds", 3, "Seeds per network at the chosen learning rate.")
+    flags.DEFINE_float("validation_fraction", 0.2, "Share of the train split held out.")
+    flags.DEFINE_string("output_dir", str(DEFAULT_OUTPUT_DIR), "Report directory.")
+    flags.DEFINE_bool("analyse", True, "Measure the final networks and write the report.")
+    flags.DEFINE_bool("train", True, "Train missing runs (False: report what has finished).")
     config_flags.DEFINE_config_file(
         "config",
         configs.path("digits_canvas") + ":default",
         "Shared config (file:preset); override fields with --config.<field>=<value>.",
     )
-    flags.DEFINE_string("output_dir", str(DEFAULT_OUTPUT_DIR), "Report directory.")
-    flags.DEFINE_enum("pooling", "none", ["none", "mean"], "Feature pooling per layer.")
-    flags.DEFINE_bool("linear_probe", True, "Fit a linear probe per layer.")
 
 
 def main(argv: Sequence[str]) -> None:
     del argv
     logging.set_verbosity(logging.INFO)
     f = flags.FLAGS
-    run_separation(
+    run_study(
         f.workdir,
-        f.nonlinearities,
-        f.block_type,
-        f.num_epochs,
-        config=f.config,
+        f.config,
+        nonlinearities=f.nonlinearities,
+        block_types=f.block_types,
+        learning_rates=[float(v) for v in f.learning_rates],
+        num_seeds=f.num_seeds,
+        validation_fraction=f.validation_fraction,
         output_dir=f.output_dir,
-        pooling=None if f.pooling == "none" else f.pooling,
-        linear_probe=f.linear_probe,
+        train_missing=f.train,
+        analyse=f.analyse,
         command="python " + shlex.join([os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
     )
 

@@ -111,7 +111,7 @@ def test_streaming_stats_match_float64_oracle(complex_):
             atol=1e-5,
         )
         np.testing.assert_allclose(fin["mean"], ref["mean"], rtol=1e-5, atol=1e-5)
-        for key in analysis._SCALARS:
+        for key in analysis.layerwise._SCALARS:
             np.testing.assert_allclose(float(fin[key]), ref[key], rtol=1e-5, err_msg=key)
         np.testing.assert_allclose(
             float(fin["trace_total"]), float(fin["trace_within"] + fin["trace_between"]), rtol=1e-5
@@ -131,7 +131,7 @@ def test_streaming_stats_float64_exact(complex_):
         for xb, yb, mb in padded_batches(x64, y, 7):
             stats = analysis.update_stats(stats, xb, yb, mb)
         fin = analysis.finalize(stats)
-        for key in analysis._SCALARS:
+        for key in analysis.layerwise._SCALARS:
             np.testing.assert_allclose(float(fin[key]), ref[key], rtol=1e-9, err_msg=key)
         np.testing.assert_allclose(fin["class_means"][:3], ref["class_means"][:3], rtol=1e-12)
 
@@ -340,7 +340,7 @@ def test_layerwise_separation_matches_oracles(tiny_net):
         ref = oracle_separation(feats[layer], labels, NUM_CLASSES)
         ref_eval = oracle_separation(test_feats[layer], labels[::-1], NUM_CLASSES)
         assert r["dim"] == feats[layer].shape[1]
-        for key in analysis._SCALARS:
+        for key in analysis.layerwise._SCALARS:
             # float32 network features, float32 sums of <= 14 terms: 1e-4 relative.
             np.testing.assert_allclose(r[f"train/{key}"], ref[key], rtol=1e-4, err_msg=layer)
             np.testing.assert_allclose(r[f"eval/{key}"], ref_eval[key], rtol=1e-4, err_msg=layer)
@@ -356,6 +356,59 @@ def test_layerwise_separation_matches_oracles(tiny_net):
 
     with pytest.raises(ValueError, match="one-shot iterator"):
         analysis.layerwise_separation(model, variables, iter(train), NUM_CLASSES)
+
+
+def test_layerwise_neural_collapse_and_no_recompile(tiny_net):
+    """NC measures per layer equal the library's finalize on the same sums; a second call on
+    the same network and batch shape reuses the compiled step (no new trace)."""
+    from pcjax.analysis import layerwise
+    from pcjax.analysis import neural_collapse as nc
+
+    model, variables, images, labels = tiny_net
+    train = padded_batches(images, labels, 4)
+    batches = lambda: ({"image": i, "label": lb, "mask": m} for i, lb, m in train)  # noqa: E731
+    feats, logits = analysis.capture_with_output(model, variables, images, [nc.CLASSIFIER_LAYER])
+    clf = nc.phase_collapse_classifier(variables, feats[nc.CLASSIFIER_LAYER].shape[1:])
+    kwargs = dict(classifier=(nc.CLASSIFIER_LAYER, clf), eval_batches=train)
+    res = analysis.layerwise_separation(model, variables, batches, NUM_CLASSES, **kwargs)
+    assert list(res) == ["input", "block0", "block1", nc.CLASSIFIER_LAYER]
+    traces = layerwise.TRACES["layerwise_step"]
+    again = analysis.layerwise_separation(model, variables, batches, NUM_CLASSES, **kwargs)
+    assert layerwise.TRACES["layerwise_step"] == traces and again == res
+    # Independent check of the per-layer values: NumPy float64 on the captured features
+    # (3 of the 4 classes present, as in the fixture).
+    all_feats = analysis.make_feature_fn(model, variables, list(res))(images)
+    pred = np.asarray(jnp.argmax(logits, -1))
+    for layer, r in res.items():
+        h = np.asarray(all_feats[layer])
+        h = (np.concatenate([h.real, h.imag], 1) if np.iscomplexobj(h) else h).astype(np.float64)
+        mus = np.stack([h[labels == c].mean(0) for c in range(3)])
+        resid = h - mus[labels]
+        centred = mus - mus.mean(0)
+        sigma_b = centred.T @ centred / 3
+        pinv = np.linalg.pinv(sigma_b, rcond=1e-10, hermitian=True)
+        nc1 = np.trace(resid.T @ resid / len(labels) @ pinv)
+        np.testing.assert_allclose(r["train/nc1"], nc1 / 3, rtol=2e-3, err_msg=layer)
+        norms = np.linalg.norm(centred, axis=1)
+        np.testing.assert_allclose(r["train/nc2_equinorm"], norms.std() / norms.mean(), rtol=1e-4)
+        nearest = ((h[:, None] - mus[None]) ** 2).sum(-1).argmin(1)
+        assert r["train/nc4"] == pytest.approx(np.mean(nearest == pred), abs=1e-6)
+        assert r["eval/nc4"] == pytest.approx(r["train/nc4"], abs=1e-6)  # same data
+    assert "train/nc3" in res[nc.CLASSIFIER_LAYER] and "train/nc3" not in res["block1"]
+
+
+def test_capture_in_train_mode_uses_batch_statistics(tiny_net):
+    model, variables, images, _ = tiny_net
+    evaluated = analysis.capture_block_outputs(model, variables, images[:6])
+    trained = analysis.capture_block_outputs(model, variables, images[:6], train=True)
+    assert np.abs(np.asarray(evaluated["block1"] - trained["block1"])).max() > 1e-3
+    # Training mode: the head's BatchNorm (scale 1, offset 0 at init) standardises with the
+    # batch's own statistics: zero mean, unit variance per channel over the batch.
+    for mode, close in ((True, True), (False, False)):
+        out = analysis.capture_block_outputs(model, variables, images[:6], ["head/bn"], mode)
+        u = np.asarray(out["head/bn"], np.float64)
+        assert np.allclose(u.mean(axis=(0, 1, 2)), 0, atol=1e-4) is close
+        assert np.allclose(u.var(axis=(0, 1, 2)), 1, atol=1e-3) is close
 
 
 def test_separation_gradient_float64_features():

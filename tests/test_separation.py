@@ -1,10 +1,11 @@
-"""Smoke test of experiments/separation.py: two tiny networks, a few steps, the three reports."""
+"""Smoke test of experiments/separation.py: lr grid on a validation split, seeds, resume, report."""
 
 import csv
 import importlib.util
 import math
 import os
 
+import numpy as np
 import pytest
 
 from pcjax.configs import digits_canvas
@@ -21,51 +22,67 @@ def separation():
     return module
 
 
-def test_run_separation_writes_reports(tmp_path, separation):
-    out = tmp_path / "report"
-    config = digits_canvas.get_config("smoke")  # batch 32, tiny widths
+def test_validation_split_is_stratified_and_disjoint(separation):
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(5), 20)
+    images = rng.normal(size=(100, 2)) + labels[:, None]
+    (x_fit, y_fit), (x_val, y_val) = separation.carve_validation(images, labels, 0.2)
+    assert len(y_val) == 20 and np.all(np.bincount(y_val) == 4)
+    rows = {tuple(r) for r in x_fit} | {tuple(r) for r in x_val}
+    assert len(rows) == 100  # a partition of the training set
+    with pytest.raises(ValueError, match="fraction"):
+        separation.carve_validation(images, labels, 1.5)
+
+
+@pytest.mark.slow
+def test_study_trains_selects_resumes_and_reports(tmp_path, separation):
+    config = digits_canvas.get_config("smoke")
     config.model.widths = (4,)  # one block: 32x32 -> 32x32 (compile time dominates)
-    config.train.num_steps = 2
-    config.train.checkpoint_every_steps = 2
-    rows = separation.run_separation(
-        tmp_path / "runs",
-        ("mod", "cst"),
-        "rho_psi",
-        config=config,
-        output_dir=out,
-        probe_steps=10,
+    config.data.global_batch_size = 256  # 4 steps per epoch on the 1,077 fit examples
+    config.optim.num_epochs = 2
+    kwargs = dict(
+        nonlinearities=("mod", "cst"),
+        block_types=("rho_psi",),
+        learning_rates=(0.01, 0.05),
+        num_seeds=2,
+        output_dir=tmp_path / "report",
     )
-    layers = ["input", "block0"]
-    assert [(r["nonlinearity"], r["layer"]) for r in rows] == [
-        (rho, layer) for rho in ("mod", "cst") for layer in layers
-    ]
-    for rho in ("mod", "cst"):
-        assert (tmp_path / "runs" / "rho_psi" / rho / "checkpoints" / "2").exists()
+    out = separation.run_study(tmp_path / "runs", config, **kwargs)
+    nets = out["networks"]
+    assert sorted(nets) == [("rho_psi", "cst"), ("rho_psi", "mod")]
+    for (bt, rho), net in nets.items():
+        grid = net["grid"]
+        assert net["lr"] == max(grid, key=lambda lr: (grid[lr]["val_top1"], -lr))
+        assert [r["seed"] for r in net["seeds"]] == [0, 1]
+        assert net["seeds"][0] is grid[net["lr"]]
+        for r in net["seeds"]:
+            assert len(r["curve"]) == 2 and r["steps"] == 8
+            assert 0 <= r["test_top1"] <= 1 and math.isfinite(r["curve"][-1]["train_loss"])
+        other = [lr for lr in grid if lr != net["lr"]][0]
+        assert not (tmp_path / "runs" / bt / rho / f"lr{other:g}" / "seed1").exists()
+        layers = out["layers"][(bt, rho)]
+        assert list(layers[0]) == ["input", "block0", "head/bn"]
+        assert {"train/nc1", "train/nc4", "eval/ncm_accuracy"} <= set(layers[0]["block0"])
+        assert "train/nc3" in layers[0]["head/bn"]
+    # Seeds differ; the input layer's measures do not depend on the network.
+    mod = out["layers"][("rho_psi", "mod")]
+    assert mod[0]["block0"]["train/nc1"] != mod[1]["block0"]["train/nc1"]
+    assert (
+        mod[0]["input"]["train/nc1"] == out["layers"][("rho_psi", "cst")][1]["input"]["train/nc1"]
+    )
 
-    with open(out / "results.csv") as f:
-        table = list(csv.DictReader(f))
-    assert tuple(table[0]) == separation.CSV_COLUMNS
-    assert len(table) == 4
-    assert [int(r["depth"]) for r in table] == [0, 1] * 2
-    assert [int(r["dim"]) for r in table[:2]] == [32 * 32, 32 * 32 * 4]
-    for r in table:
-        for name in separation.CSV_COLUMNS[5:]:
-            assert math.isfinite(float(r[name])), (r["layer"], name)
-        for name in ("test_top1", "test_ncm_accuracy", "test_probe_accuracy"):
-            assert 0.0 <= float(r[name]) <= 1.0
-        assert float(r["train_fisher_ratio"]) * float(r["train_between_within_ratio"]) == (
-            pytest.approx(1.0, rel=1e-4)
-        )
-    # The input layer does not depend on the network: identical measures for both runs.
-    for name in ("train_fisher_ratio", "test_ncm_accuracy", "test_probe_accuracy"):
-        assert table[0][name] == table[2][name]
+    # Resume: nothing is retrained or re-measured, the report is the same.
+    stamp = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")}
+    again = separation.run_study(tmp_path / "runs", config, train_missing=False, **kwargs)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")} == stamp
+    assert again["layers"] == out["layers"]
 
-    report = (out / "results.md").read_text()
-    assert "Command: `run_separation(" in report and "Total wall time" in report
-    assert "| non-linearity | train top-1 | test top-1 |" in report
-    assert "| layer | dim | mod | cst |" in report
-    for title in ("Between/within ratio", "Fisher ratio", "Nearest-class-mean", "Linear-probe"):
-        assert title in report
-    assert "## Observations" in report
-    png = (out / "separation_vs_depth.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    report = tmp_path / "report"
+    with open(report / "runs.csv") as f:
+        runs = list(csv.DictReader(f))
+    assert len(runs) == 6 and sum(r["chosen_lr"] == "True" for r in runs) == 4
+    text = (report / "results.md").read_text()
+    assert "| rho_psi | cst |" in text and "7.7 %" in text and "22.5 %" in text
+    assert "NC1" in text and "NC3" in text and "Not finished (left out above): none." in text
+    for png in ("curves.png", "layers.png"):
+        assert (report / png).read_bytes().startswith(b"\x89PNG")
