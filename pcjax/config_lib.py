@@ -14,9 +14,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from pcjax import filters, models, wavelets
+from pcjax import complex_ops, filters, models, wavelets
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 # Datasets of `pcjax.data.DATASETS`, repeated here so validating a config does not import
 # TensorFlow; a test checks the two lists agree.
 DATASET_NAMES = ("imagenet2012", "cifar10", "digits", "digits_canvas")
@@ -34,8 +33,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = "cifar10/mod/rho_psi"  # a key of pcjax.models.MODELS
     cfg.model.widths = config_dict.placeholder(tuple)  # override the registry's block widths
-    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "auto" (by size; same numbers)
-    cfg.model.compute_dtype = "float32"  # dtype of the projection matmul operands
+    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "matmul" | "auto" (same numbers)
+    # Every matmul of the model: "highest" (float32 products on every backend), "default" (the
+    # backend's: TF32 on GPUs, one bf16 pass on TPUs) or "bf16" (bf16 operands, float32 sums).
+    cfg.model.precision = "highest"
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.name = "cifar10"
@@ -154,7 +155,7 @@ def validate(
     _choice("model.name", m.name, models.MODEL_NAMES)
     _choice("data.name", d.name, DATASET_NAMES)
     _choice("model.wavelet_method", m.wavelet_method, wavelets.METHODS)
-    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
+    _choice("model.precision", m.precision, complex_ops.PRECISIONS)
     if m.widths is not None:
         _require(
             len(m.widths) > 0 and all(isinstance(w, int) and w > 0 for w in m.widths),
@@ -235,6 +236,5 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     kwargs: dict[str, Any] = {"wavelet_method": config.model.wavelet_method}
     if config.model.widths is not None:
         kwargs["widths"] = tuple(config.model.widths)
-    if config.model.compute_dtype != "float32":
-        kwargs["compute_dtype"] = config.model.compute_dtype
+    kwargs["precision"] = config.model.precision
     return kwargs
