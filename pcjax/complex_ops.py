@@ -8,8 +8,22 @@ Dtype and optimiser policy (decided once for the whole library):
   the *conjugate* of the descent direction; with real pairs the gradient is the ordinary one,
   so plain optax optimisers, weight decay on (Re, Im) (= on |w|^2) and momentum act exactly as
   in the reference, and checkpoints hold only real arrays.
-* There is no complex bfloat16: reduced precision, when enabled, applies to the real matmuls of
-  the real-block product below (`compute_dtype`), with float32 accumulation.
+* There is no complex bfloat16: every matmul of the model is a real matmul on (Re, Im) planes,
+  run under one precision policy (`PRECISIONS`, below).
+
+Precision policy (`model.precision`), applied to every matmul the model does (projections, the
+dense and matmul wavelet paths, the classifier):
+
+* "highest": float32 operands at `lax.Precision.HIGHEST`: true float32 products on every
+  backend (CPU: the only mode; GPU: no TF32; TPU: the 6-pass bf16 emulation of float32).
+  The library default on every backend, because it is the only setting whose accuracy does
+  not depend on the backend (the float32 tests and the 8-device test tolerances assume it).
+* "default": float32 operands at the backend's default precision (CPU: float32, identical to
+  "highest"; GPU Ampere and newer: TF32, 10-bit mantissa; TPU: one bf16 pass). Faster on
+  accelerators, about 1e-3 relative error per product there.
+* "bf16": bfloat16 operands, float32 accumulation (`preferred_element_type=float32`). Inputs
+  are centred before the cast (see `project_segments`), which is what keeps the error at the
+  bf16 rounding of the centred values instead of that of the mean.
 """
 
 from __future__ import annotations
@@ -19,6 +33,40 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+PRECISIONS = ("highest", "default", "bf16")
+
+
+def check_precision(precision: str) -> None:
+    """ValueError naming `precision` and the valid choices, before anything is traced."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Unknown precision {precision!r}; valid choices: {PRECISIONS}.")
+
+
+def dot_operands(a: jax.Array, b: jax.Array, precision: str):
+    """(a, b, lax precision) of a real matmul under the policy: bf16 casts the operands."""
+    check_precision(precision)
+    if precision == "bf16":
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+        if jax.default_backend() == "cpu":
+            # XLA:CPU has no bf16 x bf16 -> f32 dot; the same numbers (products of bf16 values
+            # are exact in float32, float32 sums) from the rounded operands in float32.
+            return a.astype(jnp.float32), b.astype(jnp.float32), None
+        return a, b, None
+    lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else None
+    return a, b, lax_precision
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
+    """Real `jnp.einsum` under the precision policy, float32 result (float32 accumulation)."""
+    a, b, lax_precision = dot_operands(a, b, precision)
+    return jnp.einsum(spec, a, b, precision=lax_precision, preferred_element_type=jnp.float32)
+
+
+def matmul(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
+    """Real `a @ b` under the precision policy, float32 result (float32 accumulation)."""
+    a, b, lax_precision = dot_operands(a, b, precision)
+    return jnp.matmul(a, b, precision=lax_precision, preferred_element_type=jnp.float32)
 
 
 def to_complex(w: jax.Array) -> jax.Array:
@@ -43,15 +91,13 @@ def interleave_real_imag(z: jax.Array) -> jax.Array:
     return jnp.stack([z.real, z.imag], axis=-1).reshape(*z.shape[:-1], 2 * z.shape[-1])
 
 
-def complex_projection(
-    x: jax.Array, kernel: jax.Array, compute_dtype: jnp.dtype | None = None
-) -> jax.Array:
+def complex_projection(x: jax.Array, kernel: jax.Array, precision: str = "highest") -> jax.Array:
     """y = x W over the last axis: a bias-free complex 1x1 convolution.
 
     Args:
         x: float32 or complex64[..., c_in]; a real input is a complex one with zero imaginary part.
         kernel: float32[c_in, c_out, 2], W as (Re, Im) pairs.
-        compute_dtype: dtype of the matmul operands (e.g. bfloat16); accumulation stays float32.
+        precision: one of `PRECISIONS`.
 
     Returns:
         complex64[..., c_out].
@@ -60,23 +106,39 @@ def complex_projection(
     faster than a native complex64 matmul on CPU), x @ [Wr, Wi] for real x (half the FLOPs of
     the promoted complex product).
     """
-    return project_segments([x], kernel, compute_dtype)
+    return project_segments([x], kernel, precision)
+
+
+def semi_unitary_host(seed_words: np.ndarray, c_in: int, c_out: int) -> np.ndarray:
+    """The semi-unitary kernel from integer seed words, in NumPy float64: float32[c_in, c_out, 2].
+
+    G in C^{c_out x c_in} with i.i.d. standard complex normal entries (Re, Im each N(0, 1/2)),
+    drawn by NumPy's PCG64 seeded with `seed_words`; thin SVD G = U S V^H (LAPACK, float64);
+    W = V^H if c_out <= c_in (W W^H = I) else U (W^H W = I). Returns W^T as (Re, Im) pairs.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(v) for v in np.ravel(seed_words)]))
+    g = (rng.standard_normal((c_out, c_in)) + 1j * rng.standard_normal((c_out, c_in))) / np.sqrt(2)
+    u, _, vh = np.linalg.svd(g, full_matrices=False)
+    w = vh if c_out <= c_in else u  # [c_out, c_in]
+    return np.stack([w.T.real, w.T.imag], axis=-1).astype(np.float32)
 
 
 def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
-    """Semi-unitary complex projection as (Re, Im) pairs, float32[c_in, c_out, 2].
+    """Semi-unitary complex projection as (Re, Im) pairs, float32[c_in, c_out, 2] (REFERENCE 3.4).
 
-    Reference: G in C^{c_out x c_in} with i.i.d. standard complex normal entries (Re, Im each
-    N(0, 1/2)), thin SVD G = U S V^H, W = V^H if c_out <= c_in (W W^H = I) else U (W^H W = I).
-    Our kernel is W^T (input axis first), the layout of `complex_projection`.
+    Computed on the host (`semi_unitary_host`: NumPy float64 SVD, then rounded once to float32)
+    through `jax.pure_callback`, seeded by the words of `key`: the kernel is bit-identical on
+    every backend, needs no device SVD (fragile on TPUs), and the call works under `jit` (the
+    usual `model.init`), `eval_shape` (no host call at all) and `vmap` over keys.
     """
-    kr, ki = jax.random.split(key)
-    g = (
-        jax.random.normal(kr, (c_out, c_in)) + 1j * jax.random.normal(ki, (c_out, c_in))
-    ) / np.sqrt(2.0)
-    u, _, vh = jnp.linalg.svd(g, full_matrices=False)
-    w = vh if c_out <= c_in else u  # [c_out, c_in]
-    return to_pair(w.T).astype(jnp.float32)
+    words = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    out = jax.ShapeDtypeStruct((c_in, c_out, 2), jnp.float32)
+    return jax.pure_callback(
+        lambda w: semi_unitary_host(np.asarray(w), c_in, c_out),
+        out,
+        words,
+        vmap_method="sequential",
+    )
 
 
 def rotate_pairs(kernel: jax.Array) -> jax.Array:
@@ -114,33 +176,37 @@ def _planes(segments: Sequence[jax.Array]) -> list[jax.Array]:
 def project_segments(
     segments: Sequence[jax.Array],
     kernel: jax.Array,
-    compute_dtype: jnp.dtype | None = None,
+    precision: str = "highest",
     means: Sequence[jax.Array] | None = None,
+    scales: jax.Array | None = None,
 ) -> jax.Array:
-    """y = [x_1 - m_1, x_2 - m_2, ...] W for real or complex channel segments: one real matmul.
+    """y = [(x_1 - m_1), (x_2 - m_2), ...] diag(scales) W for real or complex segments.
 
-    Equals `complex_projection(concatenate(segments), kernel)` up to float32 round-off, with
-    every real segment costing half of a complex one. `means` (one [channels] vector per
-    segment) are subtracted as a bias m W computed on the packed kernel, not on x.
+    One real matmul; equals `complex_projection(concatenate(segments), kernel)` up to float32
+    round-off, with every real segment costing half of a complex one. `means` (one [channels]
+    vector per segment) are subtracted from x *before* the matmul (and before any bf16 cast):
+    subtracting m W afterwards instead cancels catastrophically on channels whose |mean| / std
+    is large (moduli reach 10), costing 2-5x the float32 error and 10x the bf16 error. The
+    subtraction fuses into the concatenation of the (Re, Im) planes, so it costs no extra pass.
+    `scales` (real [c_in], e.g. 1/std) are folded into the small kernel, which is harmless:
+    a per-row scale is one rounding wherever it is applied.
     """
     c_in = sum(s.shape[-1] for s in segments)
     if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != c_in:
         raise ValueError(
             f"Projection kernel must be [c_in={c_in}, c_out, 2], got {tuple(kernel.shape)}."
         )
+    check_precision(precision)
     layout = [(s.shape[-1], bool(jnp.iscomplexobj(s))) for s in segments]
+    if means is not None:
+        segments = [
+            s - (m.astype(s.dtype) if jnp.iscomplexobj(s) else jnp.real(m))
+            for s, m in zip(segments, means, strict=True)
+        ]
     planes = _planes(segments)
     x = jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
-    w = pack_kernel(kernel, layout)
-    lhs, rhs = (
-        (x, w) if compute_dtype is None else (x.astype(compute_dtype), w.astype(compute_dtype))
-    )
-    y = jnp.matmul(lhs, rhs, preferred_element_type=jnp.float32)
-    if means is not None:
-        m = [
-            mi.astype(s.dtype) if jnp.iscomplexobj(s) else jnp.real(mi)
-            for mi, s in zip(means, segments, strict=True)
-        ]
-        y = y - jnp.matmul(jnp.concatenate(_planes(m)), w, precision=jax.lax.Precision.HIGHEST)
+    if scales is not None:
+        kernel = kernel * scales[:, None, None]
+    y = matmul(x, pack_kernel(kernel, layout), precision)
     y = y.reshape(*y.shape[:-1], kernel.shape[1], 2)
     return jax.lax.complex(y[..., 0], y[..., 1])

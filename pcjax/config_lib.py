@@ -14,9 +14,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from pcjax import datasets, filters, layers, models, nonlinear, wavelets
+from pcjax import complex_ops, datasets, filters, layers, models, nonlinear, wavelets
 
-COMPUTE_DTYPES = ("float32", "bfloat16")
 DATASET_NAMES = datasets.DATASET_NAMES
 
 
@@ -48,8 +47,10 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model.gain_init = config_dict.placeholder(float)
     cfg.model.bias_init = config_dict.placeholder(float)
     cfg.model.learn_nonlinearity = True  # False: the initial values stay fixed
-    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "auto" (by size; same numbers)
-    cfg.model.compute_dtype = "float32"  # dtype of the projection matmul operands
+    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "matmul" | "auto" (same numbers)
+    # Every matmul of the model: "highest" (float32 products on every backend), "default" (the
+    # backend's: TF32 on GPUs, one bf16 pass on TPUs) or "bf16" (bf16 operands, float32 sums).
+    cfg.model.precision = "highest"
     set_model_preset(cfg, "cifar10/mod/rho_psi")
 
     cfg.data = ml_collections.ConfigDict()
@@ -90,7 +91,7 @@ def set_model_preset(cfg: ml_collections.ConfigDict, name: str) -> None:
     """Fills every field of `cfg.model` from the registry network `name` (pcjax.models.MODELS).
 
     Resets the initial values to the paper's (None) and `learn_nonlinearity` to True; keeps
-    `wavelet_method` and `compute_dtype` (how to compute, not what).
+    `wavelet_method` and `precision` (how to compute, not what).
     """
     spec = models.get_model_spec(name)
     net = spec.build()  # a dataclass: its fields are the registry's values and the defaults
@@ -268,7 +269,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
     _choice("model.nonlinearity", m.nonlinearity, tuple(nonlinear.COMPLEX_NONLINEARITIES))
     _choice("model.block_type", m.block_type, layers.BLOCK_TYPES)
     _choice("model.wavelet_method", m.wavelet_method, wavelets.METHODS)
-    _choice("model.compute_dtype", m.compute_dtype, COMPUTE_DTYPES)
+    _choice("model.precision", m.precision, complex_ops.PRECISIONS)
     _require(m.num_angles >= 1, f"config.model.num_angles={m.num_angles} must be >= 1.")
     _require(
         0 <= m.num_standard_blocks <= len(m.widths),
@@ -348,7 +349,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "nonlinearity_init": init or None,
         "learn_nonlinearity": m.learn_nonlinearity,
         "wavelet_method": m.wavelet_method,
-        "compute_dtype": None if m.compute_dtype == "float32" else m.compute_dtype,
+        "precision": m.precision,
     }
 
 

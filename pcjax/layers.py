@@ -7,7 +7,6 @@ declare parameters/statistics and wire the functions together. Layout is NHWC.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -17,6 +16,7 @@ import numpy as np
 from pcjax import complex_ops, nonlinear, wavelets
 
 BLOCK_TYPES = ("rho_psi", "linear_plus_rho")
+PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.complex_ops`
 # Initial values of learned non-linearity parameters in the paper's runs (REFERENCE.md 3.8).
 DEFAULT_NONLINEARITY_INIT: dict[str, dict[str, float]] = {
     "cst": {"threshold": 0.1},
@@ -42,8 +42,8 @@ class BatchStandardize(nn.Module):
     epsilon: float = 1e-5
     affine: bool = False
     # Return the per-segment (mean, 1 / std) instead of the standardised tensor, so that the
-    # projection that follows can fold them into its (small) weights: one pass fewer over the
-    # largest activations of the block.
+    # projection that follows centres while packing its input planes and folds 1 / std into its
+    # (small) weights: one pass fewer over the largest activations of the block.
     return_statistics: bool = False
 
     @nn.compact
@@ -123,10 +123,11 @@ class ComplexProjection(nn.Module):
     """`Pc`: learned bias-free complex 1x1 projection, semi-unitary initialisation.
 
     The kernel is stored as float32[c_in, features, 2] (Re, Im) pairs (see `complex_ops`).
+    `precision` is the matmul policy of `complex_ops.PRECISIONS`.
     """
 
     features: int
-    compute_dtype: Any = None
+    precision: str = "highest"
 
     @nn.compact
     def __call__(
@@ -137,7 +138,7 @@ class ComplexProjection(nn.Module):
         """Projects `x` (one array or its channel segments, see `complex_ops.project_segments`).
 
         With `standardize` = per-segment (mean, 1/std), computes ((x - mean) / std) W as
-        x (W / std) - mean (W / std): the standardisation is folded into the weights.
+        (x - mean) (W / std): centred before the matmul, 1 / std folded into the weights.
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
@@ -146,13 +147,13 @@ class ComplexProjection(nn.Module):
             (sum(s.shape[-1] for s in segments), self.features),
         )
         if standardize is None:
-            return complex_ops.project_segments(segments, kernel, self.compute_dtype)
-        scale = jnp.concatenate([a for _, a in standardize])  # real [c_in]
+            return complex_ops.project_segments(segments, kernel, self.precision)
         return complex_ops.project_segments(
             segments,
-            kernel * scale[:, None, None],
-            self.compute_dtype,
+            kernel,
+            self.precision,
             means=[m for m, _ in standardize],
+            scales=jnp.concatenate([a for _, a in standardize]),  # real [c_in]
         )
 
 
@@ -191,7 +192,7 @@ class PhaseCollapseBlock(nn.Module):
     nonlinearity_init: Mapping[str, float] | None = None
     learn_nonlinearity: bool = True
     wavelet_method: str = "auto"
-    compute_dtype: Any = None
+    precision: str = "highest"
 
     def _rho(self, z: jax.Array) -> jax.Array:
         names = nonlinear.COMPLEX_NONLINEARITIES[self.nonlinearity]
@@ -213,8 +214,14 @@ class PhaseCollapseBlock(nn.Module):
             raise ValueError(
                 f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
             )
+        complex_ops.check_precision(self.precision)
         phi, psi = wavelets.wavelet_transform(
-            x, self.num_angles, self.filter_mode, self.wavelet_method, full_angles=self.full_angles
+            x,
+            self.num_angles,
+            self.filter_mode,
+            self.wavelet_method,
+            precision=self.precision,
+            full_angles=self.full_angles,
         )
         if self.block_type == "rho_psi":
             parts = [phi, self._rho(psi)]
@@ -226,7 +233,7 @@ class PhaseCollapseBlock(nn.Module):
         stats = BatchStandardize(name="std", return_statistics=True)(
             segments, use_running_average=not train
         )
-        z = ComplexProjection(self.features, self.compute_dtype, name="proj")(segments, stats)
+        z = ComplexProjection(self.features, self.precision, name="proj")(segments, stats)
         return nonlinear.normalize_pixels(z)
 
 
@@ -244,10 +251,12 @@ class Classifier(nn.Module):
     """Head: interleave (Re, Im) -> BatchNorm (affine) -> flatten -> Linear with bias.
 
     Flattening follows the reference's (channel, h, w) order so weights port one-to-one; there is
-    no pooling, so the classifier is position-dependent.
+    no pooling, so the classifier is position-dependent. The Linear layer's matmul follows the
+    `precision` policy (`complex_ops.PRECISIONS`).
     """
 
     num_classes: int
+    precision: str = "highest"
 
     @nn.compact
     def __call__(self, u: jax.Array, train: bool = False) -> jax.Array:
@@ -255,4 +264,24 @@ class Classifier(nn.Module):
         x = BatchStandardize(affine=True, name="bn")(x, use_running_average=not train)
         x = jnp.transpose(x, (0, 3, 1, 2)).reshape(x.shape[0], -1)
         init = torch_linear_init(x.shape[-1])
-        return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="linear")(x)
+        return nn.Dense(
+            self.num_classes,
+            kernel_init=init,
+            bias_init=init,
+            dot_general=_policy_dot_general(self.precision),
+            name="linear",
+        )(x)
+
+
+def _policy_dot_general(policy: str):
+    """`lax.dot_general` for flax's Dense under the precision policy (float32 result)."""
+    complex_ops.check_precision(policy)
+
+    def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+        del precision, preferred_element_type  # set by the policy
+        lhs, rhs, lax_precision = complex_ops.dot_operands(lhs, rhs, policy)
+        return jax.lax.dot_general(
+            lhs, rhs, dimension_numbers, lax_precision, preferred_element_type=jnp.float32
+        )
+
+    return dot_general

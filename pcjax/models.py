@@ -40,7 +40,7 @@ class PhaseCollapseNet(nn.Module):
     nonlinearity_init: Mapping[str, float] | None = None
     learn_nonlinearity: bool = True
     wavelet_method: str = "auto"
-    compute_dtype: Any = None
+    precision: str = "highest"  # matmul policy, one of layers.PRECISIONS
 
     def block_kwargs(self) -> list[dict[str, Any]]:
         """Constructor arguments of each `PhaseCollapseBlock`, in order (also for benchmarks)."""
@@ -56,7 +56,7 @@ class PhaseCollapseNet(nn.Module):
                 nonlinearity_init=self.nonlinearity_init,
                 learn_nonlinearity=self.learn_nonlinearity,
                 wavelet_method=self.wavelet_method,
-                compute_dtype=self.compute_dtype,
+                precision=self.precision,
             )
             for width, mode in zip(self.widths, modes, strict=True)
         ]
@@ -65,7 +65,7 @@ class PhaseCollapseNet(nn.Module):
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for b, kwargs in enumerate(self.block_kwargs()):
             x = layers.PhaseCollapseBlock(**kwargs, name=f"block{b}")(x, train)
-        return layers.Classifier(self.num_classes, name="head")(x, train)
+        return layers.Classifier(self.num_classes, self.precision, name="head")(x, train)
 
 
 # --- Bias-free ResNet-18 baselines (REFERENCE.md 3.9) -------------------------------------------

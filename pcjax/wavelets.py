@@ -9,9 +9,23 @@ phi * U and the L wavelet coefficients psi_theta * U (REFERENCE.md section 2.2):
 3. if the bank subsamples: fold the spectrum (exact decimation y[2m, 2n]) and crop 1 sample per
    side; otherwise crop 2 samples per side.
 
-Two methods compute the same linear operator: "fft" (FFTs, any size) and "spatial" (the whole
-pad-convolve-subsample-crop operator applied in space as one dense matrix, built once in
-float64; cheaper than FFTs on small grids and matmul-friendly on TPUs). "auto" picks by size.
+Three methods compute the same linear operator:
+
+* "fft": FFTs, any size (precision cannot be set: TPU FFTs are float32-ish at best).
+* "spatial": the whole pad-convolve-subsample-crop operator applied in space as one dense
+  matrix [h w, h' w' (K + 1)], built once in float64; cheapest on small grids, cost (h w)^2.
+* "matmul": the FFT pipeline as per-axis matrices, any size. The filters are not separable
+  (rotated anisotropic envelopes for L = 8, Morlet = Gabor minus a scaled envelope, and only the
+  real part of each filter's DFT is kept), so the 2-D filtering cannot be folded into per-axis
+  matrices; what is separable is everything else. Per axis, reflect padding and the DFT fold
+  into one complex matrix F [Mp, M], and the inverse DFT with decimation (= spectrum folding)
+  and the crop fold into one complex matrix G [M', Mp] (the rows of the inverse DFT at the kept
+  output samples). Each block is then 4 small matmuls and one element-wise product by the real
+  filters: G_h ((F_h X F_w^T) * h_hat_k) G_w^T. Exact for any filter bank, every matmul runs
+  under the precision policy, and there are no awkward FFT sizes (228 = 2^2 3 19).
+
+"auto" picks per backend (`choose_method`). Matmuls follow the precision policy of
+`pcjax.complex_ops` (default "highest": float32 products).
 """
 
 from __future__ import annotations
@@ -23,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax import filters
+from pcjax import complex_ops, filters
 
-Method = Literal["fft", "spatial", "auto"]
-METHODS = ("fft", "spatial", "auto")
+Method = Literal["fft", "spatial", "matmul", "auto"]
+METHODS = ("fft", "spatial", "matmul", "auto")
 # "auto" uses the dense spatial operator up to this many input pixels per image (h * w); above
 # it the operator's cost grows as (h w)^2. benchmarks/wavelets.py (forward only, idle 2-core
 # CPU): spatial wins by 2.4-16x up to 8x8, FFTs by 1.8-2.2x from 28x28, 14x14-16x16 is close.
@@ -153,7 +167,12 @@ def spatial_operator(
 
 
 def _spatial_transform(
-    x: jax.Array, bank: filters.FilterBank, num_angles: int, mode: str, full_angles: bool = False
+    x: jax.Array,
+    bank: filters.FilterBank,
+    num_angles: int,
+    mode: str,
+    precision: str,
+    full_angles: bool = False,
 ):
     """Dense spatial path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
     b, h, w, c = x.shape
@@ -166,7 +185,7 @@ def _spatial_transform(
     xt = x.reshape(b, h * w, c)
 
     def apply(plane):
-        y = jnp.einsum("bic,io->boc", plane.astype(jnp.float32), mri)
+        y = complex_ops.einsum("bic,io->boc", plane.astype(jnp.float32), mri, precision)
         return y[:, :n_out], y[:, n_out:]  # plane @ Re M, plane @ Im M
 
     if jnp.iscomplexobj(x):
@@ -178,13 +197,76 @@ def _spatial_transform(
     return y.reshape(b, ho, wo, -1, c)
 
 
-def choose_method(h: int, w: int, method: Method) -> str:
-    """Resolves "auto" to "spatial" for small grids and "fft" otherwise."""
+@functools.lru_cache(maxsize=64)
+def axis_matrices(m: int, subsample: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-axis matrices of the "matmul" method for an axis of m samples, built in float64.
+
+    Returns F complex64[Mp, m] = DFT_Mp @ (reflect padding), and G complex64[m', Mp] = the rows
+    of the inverse DFT (1 / Mp normalisation) at the output samples kept: index 2 (j + 1) when
+    subsampling (decimate, then crop 1), j + 2 otherwise (crop 2). Decimating the inverse DFT's
+    output equals folding the spectrum (REFERENCE.md 2.2).
+    """
+    mp = padded_size(m)
+    pad = np.pad(np.eye(m), (pad_widths(m), (0, 0)), mode="reflect")  # [Mp, m]
+    k = np.arange(mp)
+    dft = np.exp(-2j * np.pi * np.outer(k, k) / mp)
+    f = dft @ pad
+    n_out = output_size(m, subsample)
+    kept = 2 * (np.arange(n_out) + 1) if subsample else np.arange(n_out) + 2
+    g = np.exp(2j * np.pi * np.outer(kept, k) / mp) / mp
+    f, g = f.astype(np.complex64), g.astype(np.complex64)
+    f.setflags(write=False)
+    g.setflags(write=False)
+    return f, g
+
+
+def _complex_einsum(spec: str, m: np.ndarray, x: jax.Array, precision: str) -> jax.Array:
+    """einsum(spec, M, x) for a constant complex M as real matmuls under the precision policy.
+
+    A real x costs 2 real products, a complex one 4 (no 3-product trick: it loses accuracy).
+    """
+    mr, mi = jnp.asarray(m.real), jnp.asarray(m.imag)
+    if not jnp.iscomplexobj(x):
+        x = x.astype(jnp.float32)
+        return jax.lax.complex(
+            complex_ops.einsum(spec, mr, x, precision), complex_ops.einsum(spec, mi, x, precision)
+        )
+    xr, xi = x.real, x.imag
+    re = complex_ops.einsum(spec, mr, xr, precision) - complex_ops.einsum(spec, mi, xi, precision)
+    im = complex_ops.einsum(spec, mr, xi, precision) + complex_ops.einsum(spec, mi, xr, precision)
+    return jax.lax.complex(re, im)
+
+
+def _matmul_transform(x: jax.Array, bank: filters.FilterBank, precision: str) -> jax.Array:
+    """Per-axis matmul path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
+    _, h, w, _ = x.shape
+    f_h, g_h = axis_matrices(h, bank.subsample)
+    f_w, g_w = axis_matrices(w, bank.subsample)
+    hat = jnp.asarray(np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).transpose(1, 2, 0))
+    xf = _complex_einsum("ph,bhwc->bpwc", f_h, x, precision)
+    xf = _complex_einsum("qw,bpwc->bpqc", f_w, xf, precision)
+    yf = xf[:, :, :, None, :] * hat[None, :, :, :, None]  # [b, P, Q, K + 1, c]
+    y = _complex_einsum("ip,bpqkc->biqkc", g_h, yf, precision)
+    return _complex_einsum("jq,biqkc->bijkc", g_w, y, precision)
+
+
+# "auto" on GPU/TPU, until a device measurement exists, by the counts of
+# docs/benchmarks/accelerator.md: TPUs run FFTs slowly and at reduced precision that cannot be
+# raised, so they use matmuls at every size (the dense operator while it is the smaller of the
+# two, i.e. up to 8x8 inputs). GPUs run cuFFT at full float32 accuracy and at memory speed: the
+# FFT path moves the least data, and the matmul form's extra FLOPs only pay off where they stay
+# small against the projection, again up to 8x8 inputs (the dense operator).
+def choose_method(h: int, w: int, method: Method, backend: str | None = None) -> str:
+    """Resolves "auto" per backend: dense "spatial" up to 8x8 everywhere; above it "fft" on
+    CPU (measured) and GPU, "matmul" on TPU."""
     if method not in METHODS:
         raise ValueError(f"Unknown wavelet method {method!r}; valid choices: {METHODS}.")
-    if method == "auto":
-        return "spatial" if h * w <= SPATIAL_MAX_PIXELS else "fft"
-    return method
+    if method != "auto":
+        return method
+    if h * w <= SPATIAL_MAX_PIXELS:
+        return "spatial"
+    backend = backend or jax.default_backend()
+    return "matmul" if backend == "tpu" else "fft"
 
 
 def wavelet_coefficients(
@@ -193,6 +275,7 @@ def wavelet_coefficients(
     mode: str,
     method: Method = "fft",
     guard_gradients: bool = True,
+    precision: str = "highest",
     full_angles: bool = False,
 ) -> jax.Array:
     """All K + 1 coefficients of one block in one angle-major array.
@@ -201,13 +284,15 @@ def wavelet_coefficients(
         x: float32 or complex64[batch, h, w, c], h and w >= 3.
         num_angles: L, the number of wavelet orientations.
         mode: filter mode, one of `pcjax.filters.FILTER_MODES`.
-        method: "fft", "spatial" (dense operator) or "auto" (by size); same numbers either way.
+        method: "fft", "spatial" (dense operator), "matmul" (per-axis matrices) or "auto" (by
+            size and backend); same numbers either way.
         guard_gradients: zero NaN/Inf cotangents flowing into `x` (as the reference does).
+        precision: matmul policy of the spatial and matmul paths (`complex_ops.PRECISIONS`).
         full_angles: orientations over 2 pi instead of pi (`pcjax.filters.angles`).
 
     Returns:
         complex64[batch, h', w', K + 1, c]: index 0 of axis -2 is the low-pass phi * U, index
-        1 + theta the wavelet psi_theta * U. Both FFT and spatial paths produce this layout
+        1 + theta the wavelet psi_theta * U. Every path produces this layout
         without a transpose; `wavelet_transform` regroups it into the reference's channel order.
     """
     _check_input(x)
@@ -215,8 +300,12 @@ def wavelet_coefficients(
     bank = bank_for_input(h, w, num_angles, mode, full_angles)
     if guard_gradients:
         x = zero_nonfinite_grad(x)
-    if choose_method(h, w, method) == "spatial":
-        return _spatial_transform(x, bank, num_angles, mode, full_angles)
+    complex_ops.check_precision(precision)
+    resolved = choose_method(h, w, method)
+    if resolved == "spatial":
+        return _spatial_transform(x, bank, num_angles, mode, precision, full_angles)
+    if resolved == "matmul":
+        return _matmul_transform(x, bank, precision)
     return _fft_transform(x, bank)
 
 
@@ -226,6 +315,7 @@ def wavelet_transform(
     mode: str,
     method: Method = "fft",
     guard_gradients: bool = True,
+    precision: str = "highest",
     full_angles: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Low-pass and wavelet coefficients of one block, in the reference's channel order.
@@ -236,5 +326,5 @@ def wavelet_transform(
         phi: [batch, h', w', c], real if `x` is real, else complex64.
         psi: complex64[batch, h', w', c * L], channel index c * L + angle.
     """
-    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients, full_angles)
+    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients, precision, full_angles)
     return _split_outputs(y, real_input=not jnp.iscomplexobj(x))

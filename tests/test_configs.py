@@ -139,7 +139,7 @@ def test_every_field_reaches_the_network():
         threshold_init=0.3,
         learn_nonlinearity=False,
         wavelet_method="fft",
-        compute_dtype="bfloat16",
+        precision="bf16",
     )
     config_lib.validate(cfg)
     model = config_lib.build_model(cfg)
@@ -154,10 +154,10 @@ def test_every_field_reaches_the_network():
         "cst",
         {"threshold": 0.3},
     )
-    assert (model.learn_nonlinearity, model.wavelet_method, model.compute_dtype) == (
+    assert (model.learn_nonlinearity, model.wavelet_method, model.precision) == (
         False,
         "fft",
-        "bfloat16",
+        "bf16",
     )
     blocks = model.block_kwargs()
     assert [b["filter_mode"] for b in blocks] == ["standard", "factorized_even", "factorized_odd"]
@@ -197,7 +197,7 @@ def test_resnet_arch_on_cifar_builds():
         ({"widths": (8,) * 9}, r"config.model.widths.*2x2"),
         ({"arch": "resnet18"}, r"config.model.nonlinearity='mod'.*valid choices"),
         ({"arch": "resnet18", "nonlinearity": "relu"}, r"resnet18 has 4 stages"),
-        ({"compute_dtype": "float16"}, r"config.model.compute_dtype='float16'.*valid choices"),
+        ({"precision": "float16"}, r"config.model.precision='float16'.*valid choices"),
     ],
 )
 def test_impossible_models_rejected_before_building(fields, message):

@@ -2,7 +2,8 @@
 
 The oracle pads with `np.pad(mode="reflect")`, convolves circularly on the padded grid directly
 in space (no FFT), decimates y[2m, 2n] and crops. Filters come from its own transcription of
-REFERENCE.md section 1 (not from `pcjax.filters`).
+REFERENCE.md section 1 (not from `pcjax.filters`). The spatial and matmul paths run at the
+"highest" precision policy (the default; float32 products on every backend).
 """
 
 import functools
@@ -203,21 +204,107 @@ def test_coefficients_layout_matches_transform(method, complex_input):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("method", ["spatial", "matmul"])
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
 @pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
-def test_spatial_equals_fft(mode, complex_input):
+def test_matmul_methods_equal_fft(mode, complex_input, method):
     x = jnp.asarray(_random_input((2, 11, 6, 2), complex_input, seed=3))
     phi_f, psi_f = wavelets.wavelet_transform(x, 8, mode, "fft")
-    phi_s, psi_s = wavelets.wavelet_transform(x, 8, mode, "spatial")
+    phi_s, psi_s = wavelets.wavelet_transform(x, 8, mode, method, precision="highest")
     assert phi_f.dtype == phi_s.dtype and psi_f.dtype == psi_s.dtype
     # Two float32 evaluations of the same operator: round-off of a few 1e-7 of the input scale.
     np.testing.assert_allclose(np.asarray(phi_s), np.asarray(phi_f), rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(psi_s), np.asarray(psi_f), rtol=0, atol=1e-5)
 
 
+def _oracle_transform_fft(x, L, mode):
+    """The oracle's pipeline with the circular convolution as a float64 NumPy FFT product.
+
+    Same filters, padding, decimation and crop as `_oracle_transform`, for grids where the
+    dense circulant (P Q)^2 would not fit in memory.
+    """
+    x = np.asarray(x).astype(np.complex128)
+    _, h, w, c = x.shape
+    P, pad_h = _oracle_padded(h)
+    Q, pad_w = _oracle_padded(w)
+    xf = np.fft.fft2(np.pad(x, ((0, 0), pad_h, pad_w, (0, 0)), mode="reflect"), axes=(1, 2))
+    subsample = mode in ("standard", "factorized_odd")
+    outs = []
+    for h_k in _oracle_filters(P, Q, L, mode):
+        kf = np.fft.fft2(_effective_kernel(h_k))
+        y = np.fft.ifft2(xf * kf[None, :, :, None], axes=(1, 2))
+        outs.append(y[:, ::2, ::2][:, 1:-1, 1:-1] if subsample else y[:, 2:-2, 2:-2])
+    psi = np.stack(outs[:-1], axis=-1)
+    return outs[-1], psi.reshape(*psi.shape[:3], c * L)
+
+
+# Every (input size, filter mode, L, real input) of the paper's two networks (REFERENCE.md 3.7).
+CIFAR_BLOCKS = [
+    (m, mode, 4, b == 0)
+    for b, (m, mode) in enumerate(
+        zip([32, 32, 16, 16, 8, 8, 4, 4], filters.block_filter_modes(8, 0), strict=True)
+    )
+]
+IMAGENET_BLOCKS = [
+    (m, mode, 8, b == 0)
+    for b, (m, mode) in enumerate(
+        zip(
+            [224, 112, 112, 56, 56, 28, 28, 14, 14, 7, 6],
+            filters.block_filter_modes(11, 1),
+            strict=True,
+        )
+    )
+]
+
+
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
 @pytest.mark.parametrize(
-    "size,resolved", [((8, 8), "spatial"), ((7, 9), "spatial"), ((9, 9), "fft")]
+    "size,mode,L,real_input",
+    CIFAR_BLOCKS + IMAGENET_BLOCKS,
+    ids=[f"cifar{b}" for b in range(8)] + [f"imagenet{b}" for b in range(11)],
 )
+def test_every_paper_block_matches_oracle(size, mode, L, real_input, method):
+    """Each method against the float64 oracle on every block size (odd 7 -> 6 included)."""
+    if method == "spatial" and size > 32:
+        pytest.skip("dense (h w)^2 operator: too large above 32x32 (never chosen there)")
+    x = _random_input((1, size, size, 2), not real_input, seed=size)
+    oracle = _oracle_transform if size <= 16 else _oracle_transform_fft
+    want_phi, want_psi = oracle(x, L, mode)
+    phi, psi = wavelets.wavelet_transform(jnp.asarray(x), L, mode, method, precision="highest")
+    assert phi.shape == want_phi.shape and psi.shape == want_psi.shape
+    _assert_close_to_oracle(phi, want_phi, x)
+    _assert_close_to_oracle(psi, want_psi, x)
+
+
+def test_axis_matrices_fold_padding_and_decimation():
+    """F is the DFT of the reflect-padded axis; G picks the inverse DFT at the kept samples."""
+    rng = np.random.default_rng(11)
+    for m, subsample in [(7, False), (6, True), (8, True), (9, False)]:
+        f, g = wavelets.axis_matrices(m, subsample)
+        v = rng.standard_normal(m)
+        mp, pads = _oracle_padded(m)
+        np.testing.assert_allclose(f @ v, np.fft.fft(np.pad(v, pads, mode="reflect")), atol=1e-5)
+        u = rng.standard_normal(mp) + 1j * rng.standard_normal(mp)
+        full = np.fft.ifft(u)
+        want = full[::2][1:-1] if subsample else full[2:-2]
+        np.testing.assert_allclose(g @ u, want, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "size,backend,resolved",
+    [
+        ((8, 8), "cpu", "spatial"),
+        ((7, 9), "tpu", "spatial"),
+        ((9, 9), "cpu", "fft"),
+        ((9, 9), "gpu", "fft"),
+        ((9, 9), "tpu", "matmul"),
+    ],
+)
+def test_auto_method_per_backend(size, backend, resolved):
+    assert wavelets.choose_method(*size, "auto", backend=backend) == resolved
+
+
+@pytest.mark.parametrize("size,resolved", [((8, 8), "spatial"), ((9, 9), "fft")])
 def test_auto_method(size, resolved):
     assert wavelets.choose_method(*size, "auto") == resolved
     x = jnp.asarray(_random_input((1, *size, 2), True, seed=4))
@@ -233,6 +320,8 @@ def test_bad_arguments_raise_with_value():
         wavelets.wavelet_transform(x, 4, "standard", "bogus_method")
     with pytest.raises(ValueError, match="bogus_mode"):
         wavelets.wavelet_transform(x, 4, "bogus_mode")
+    with pytest.raises(ValueError, match="bogus_precision.*highest"):
+        wavelets.wavelet_transform(x, 4, "standard", "matmul", precision="bogus_precision")
     with pytest.raises(ValueError, match=r"\(8, 8, 1\)"):
         wavelets.wavelet_transform(jnp.ones((8, 8, 1)), 4, "standard")
     with pytest.raises(ValueError, match="2x8"):
@@ -278,7 +367,7 @@ def test_imagenet_chain_shapes():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["fft", "spatial"])
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
 def test_jit_matches_eager(method):
     x = jnp.asarray(_random_input((2, 9, 8, 2), True, seed=5))
     f = functools.partial(
@@ -290,7 +379,7 @@ def test_jit_matches_eager(method):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["fft", "spatial"])
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
 def test_vmap_matches_loop(method):
     x = jnp.asarray(_random_input((3, 2, 8, 9, 2), True, seed=6))
     f = functools.partial(wavelets.wavelet_transform, num_angles=4, mode="standard", method=method)
@@ -309,7 +398,7 @@ def _quadratic_loss_weights(phi_shape, psi_shape, seed):
     )
 
 
-@pytest.mark.parametrize("method", ["fft", "spatial"])
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
 @pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("mode", ["factorized_even", "factorized_odd"])
 def test_grad_matches_float64_finite_differences(mode, complex_input, method):
