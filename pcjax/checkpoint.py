@@ -131,22 +131,30 @@ def save(
 
 
 def restore_variables(workdir: str | epath.PathLike, step: int | None = None) -> tuple[Any, int]:
-    """(state as nested dicts, step) of a workdir's checkpoint, without a target structure.
+    """(state as nested dicts of arrays on this host's first device, step) of a checkpoint.
 
-    For reading a trained model outside the trainer (pcjax.analysis); `step=None` is the latest.
-    Raises FileNotFoundError when the workdir has no checkpoint.
+    For reading a trained model outside the trainer (pcjax.analysis), whatever the topology it
+    was saved from (one or many processes); `step=None` is the latest. Raises
+    FileNotFoundError when the workdir has no checkpoint.
     """
     directory = checkpoint_dir(workdir)
     if not directory.is_dir():
         raise FileNotFoundError(f"No checkpoint directory {directory}.")
-    options = ocp.CheckpointManagerOptions(read_only=True)
-    with ocp.CheckpointManager(directory, options=options) as manager:
-        if step is None:
+    if step is None:
+        options = ocp.CheckpointManagerOptions(read_only=True)
+        with ocp.CheckpointManager(directory, options=options) as manager:
             step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"No checkpoint under {directory}.")
-        if (directory / str(step) / STATE).exists():
-            args = ocp.args.Composite(**{STATE: ocp.args.StandardRestore()})
-            return manager.restore(step, args=args)[STATE], step
-        # A single-item checkpoint (the state alone), as written before the "loop" item.
-        return manager.restore(step, args=ocp.args.StandardRestore()), step
+        if step is None:
+            raise FileNotFoundError(f"No checkpoint under {directory}.")
+    item = directory / str(step) / STATE
+    if not item.exists():  # a single-item checkpoint (the state alone), as first written
+        item = directory / str(step) / "default"
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(item)
+        tree = getattr(metadata, "item_metadata", metadata)
+        tree = getattr(tree, "tree", tree)
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree
+        )
+        return checkpointer.restore(item, target), step

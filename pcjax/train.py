@@ -234,7 +234,10 @@ class _Stopper:
             return self.set
         decided = self._pending is not None and bool(jax.device_get(self._pending))
         local = np.full((jax.local_device_count(),), int(self.set), np.int32)
-        flags = jax.make_array_from_process_local_data(sharding.batch_sharded(self._mesh), local)
+        with jax.transfer_guard("allow"):  # intended: this process's flag onto its devices
+            flags = jax.make_array_from_process_local_data(
+                sharding.batch_sharded(self._mesh), local
+            )
         self._pending = self._reduce(flags)
         return decided
 
@@ -442,9 +445,10 @@ class _Loop:
 
     def evaluate(self, step: int) -> None:
         run = self.run
-        self.eval_metrics = evaluate(
-            run.eval_step, run.state, run.eval_batches(), run.mesh, run.config.train.eval_steps
-        )
+        with jax.transfer_guard("allow"):  # intended: eval batches in, metric sums out
+            self.eval_metrics = evaluate(
+                run.eval_step, run.state, run.eval_batches(), run.mesh, run.config.train.eval_steps
+            )
         best = max(run.loop_state.get("best_top1", 0.0), self.eval_metrics["top1"])
         run.loop_state.update(best_top1=best, eval=self.eval_metrics)
         scalars = {f"eval/{k}": v for k, v in self.eval_metrics.items()}
