@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -496,58 +497,64 @@ def create_eval_dataset(
 # Device-side prefetch and the trainer's entry point.
 
 
+def _put(out: queue.Queue, stop: threading.Event, item: Any) -> bool:
+    """Puts `item` unless `stop` is set first; returns whether it was put."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _fill(host_batches: Iterator, mesh: Any, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread of `DevicePrefetcher`: global device batches, then a final marker."""
+    from pcjax import sharding
+
+    try:
+        for batch in host_batches:
+            if not _put(out, stop, sharding.shard_batch(batch, mesh)):
+                return
+        _put(out, stop, DevicePrefetcher.DONE)
+    except BaseException as error:  # handed to the consumer
+        _put(out, stop, error)
+
+
 class DevicePrefetcher:
     """Iterates global, device-resident batches, keeping `size` of them ahead on the devices.
 
     A background thread turns each per-process host batch into a global array sharded over the
     mesh's batch axis (`sharding.shard_batch`); an error in the thread is raised by `__next__`.
+    The thread stops on `close()` or when the prefetcher is garbage-collected.
     """
 
-    _DONE = object()
+    DONE = object()
 
     def __init__(self, host_batches: Iterator[dict[str, np.ndarray]], mesh: Any, size: int = 2):
-        from pcjax import sharding
-
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}.")
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
-
-        def fill():
-            try:
-                for batch in host_batches:
-                    item = sharding.shard_batch(batch, mesh)
-                    while not self._put(item):
-                        if self._stop.is_set():
-                            return
-                self._put_final(self._DONE)
-            except BaseException as error:  # handed to the consumer
-                self._put_final(error)
-
-        self._thread = threading.Thread(target=fill, daemon=True, name="device-prefetch")
+        # The thread holds no reference to `self`, so dropping the prefetcher stops it.
+        self._thread = threading.Thread(
+            target=_fill,
+            args=(host_batches, mesh, self._queue, self._stop),
+            daemon=True,
+            name="device-prefetch",
+        )
+        weakref.finalize(self, self._stop.set)
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        try:
-            self._queue.put(item, timeout=0.5)
-            return True
-        except queue.Full:
-            return False
-
-    def _put_final(self, item: Any) -> None:
-        while not self._stop.is_set() and not self._put(item):
-            pass
 
     def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> dict[str, Any]:
         item = self._queue.get()
-        if item is self._DONE:
-            self._queue.put(item)
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._queue.put(item)
+        if item is self.DONE or isinstance(item, BaseException):
+            self._queue.put(item)  # every later call ends the same way
+            if item is self.DONE:
+                raise StopIteration
             raise item
         return item
 
