@@ -17,7 +17,9 @@ Pipelines, same per-example TF operations (crop window, decode, resize, flip):
 
 Images/s per host core = images / CPU seconds of this process (`time.process_time`, all threads),
 so the figure does not depend on how many cores the machine lends us; wall-clock images/s is
-printed too. Host cores to feed one accelerator = assumed train rate / images/s per core.
+printed too. Each figure is the median of 3 alternating runs (24 ImageNet / 40 CIFAR batches each,
+after 2 warm-up batches). Host cores to feed one accelerator = assumed train rate / images/s
+per core.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from pcjax import datasets, input_pipeline, preprocessing, synthetic_tfds  # noq
 # (2) A fast-network bound: ResNet-18 on one V100-class GPU in mixed precision, about
 # 1,300 img/s (commonly reported; not measured here).
 ASSUMED_RATES = {"phase-collapse net on a V100": 57.0, "ResNet-18 on a V100 (AMP)": 1300.0}
+REPEATS = 3
 FORMER_SHUFFLE = {"imagenet2012": 10_000, "cifar10": 50_000}
 
 
@@ -121,9 +124,15 @@ def _measure(ds: tf.data.Dataset, batch: int, num_batches: int) -> dict[str, flo
     }
 
 
+def _median(measurements: list[dict]) -> dict:
+    """The measurement with the median images/s per core."""
+    ranked = sorted(measurements, key=lambda m: m["per_core"])
+    return ranked[len(ranked) // 2]
+
+
 def run(quick: bool) -> list[dict]:
-    imagenet_n = 64 if quick else 384
-    cifar_n = 512 if quick else 4096
+    imagenet_n = 64 if quick else 256
+    cifar_n = 512 if quick else 2048
     imagenet_batch, cifar_batch = (16, 128) if quick else (32, 256)
     rows = []
     with tempfile.TemporaryDirectory() as root:
@@ -134,11 +143,11 @@ def run(quick: bool) -> list[dict]:
             imagenet = synthetic_tfds.prepare(
                 "imagenet2012",
                 data_dir,
-                [("train", imagenet_n), ("validation", imagenet_n)],
+                [("train", imagenet_n), ("validation", imagenet_n // 2)],
                 file_format,
             )
             cifar = synthetic_tfds.prepare(
-                "cifar10", data_dir, [("train", cifar_n), ("test", cifar_n)], file_format
+                "cifar10", data_dir, [("train", cifar_n), ("test", cifar_n // 2)], file_format
             )
             builders[file_format] = {"imagenet2012": imagenet, "cifar10": cifar}
             print(f"prepared {file_format} in {time.perf_counter() - t:.0f} s", flush=True)
@@ -148,7 +157,7 @@ def run(quick: bool) -> list[dict]:
             ("imagenet2012", imagenet_batch, 224),
             ("cifar10", cifar_batch, 32),
         ]:
-            num_batches = max(4, (imagenet_n if name == "imagenet2012" else cifar_n) // batch)
+            num_batches = 4 if quick else {"imagenet2012": 24, "cifar10": 40}[name]
             old_builder = builders["tfrecord"][name]
             cases = {
                 "train": (
@@ -169,7 +178,12 @@ def run(quick: bool) -> list[dict]:
                 ),
             }
             for mode, (new, old) in cases.items():
-                new_m, old_m = _measure(new, batch, num_batches), _measure(old, batch, num_batches)
+                # Alternate the two pipelines and keep the median of 3 runs of each.
+                runs = [
+                    (_measure(new, batch, num_batches), _measure(old, batch, num_batches))
+                    for _ in range(REPEATS)
+                ]
+                new_m, old_m = (_median([r[i] for r in runs]) for i in range(2))
                 rows.append(
                     {"dataset": name, "mode": mode, "batch": batch, "new": new_m, "old": old_m}
                 )
@@ -196,6 +210,11 @@ def _mean_jpeg_bytes(data_dir: str) -> float:
 def to_markdown(rows: list[dict], quick: bool, seconds: float) -> str:
     jpeg_bytes = rows[-1]["jpeg_bytes"]
     rows = rows[:-1]
+    ratio = {
+        r["dataset"]: r["new"]["per_core"] / r["old"]["per_core"]
+        for r in rows
+        if r["mode"] == "train"
+    }
     lines = [
         "# Input-pipeline benchmark",
         "",
@@ -241,6 +260,23 @@ def to_markdown(rows: list[dict], quick: bool, seconds: float) -> str:
         "(docs/benchmarks/train_step.md) at 50% of a V100's 15.7 fp32 TFLOP/s; the ResNet-18 "
         "rate is a commonly reported mixed-precision V100 figure, not measured here. The "
         "reference's hardware is not documented (REFERENCE.md).",
+        "",
+        "## Design choice",
+        "",
+        "The pipeline (`pcjax/input_pipeline.py`) keeps tf.data as the executor and replaces its "
+        "stream with a NumPy index sampler over random-access array_record sources: the global "
+        "batch of step s is `permutation(seed, epoch)[pos : pos + B]`, each process reads its "
+        "rows one record at a time inside a `tf.numpy_function`, and the per-example TF "
+        "preprocessing (decoding included) runs in tf.data's parallel, order-preserving map. "
+        f"Per host core, against the former pipeline: ImageNet train {ratio['imagenet2012']:.2f}x, "
+        f"CIFAR-10 train {ratio['cifar10']:.2f}x. The former CIFAR pipeline cached the decoded "
+        "split in memory and only augmented it; the new one reads and decodes each PNG every "
+        "epoch, which still leaves CIFAR far from limiting (table above). In exchange: "
+        "topology-independent batches, exact epochs and O(1) resume (tests/test_input_pipeline.py, "
+        "tests/test_input_topology.py). Grain 0.2.18 installs on Python 3.11 (`pip install grain "
+        "--dry-run`) but was not adopted or measured: its sampler does the same index arithmetic, "
+        "and its worker processes would re-run the same TF preprocessing that tf.data already "
+        "parallelises, for one more dependency.",
         "",
     ]
     return "\n".join(lines)

@@ -4,8 +4,8 @@ Training. `IndexSampler` fixes the global batch of every step from (seed, step) 
 example indices of step s are `permutation(seed, epoch)[pos : pos + B]` with
 `epoch = s // steps_per_epoch`, `pos = (s % steps_per_epoch) * B` and
 `steps_per_epoch = num_examples // B`; each epoch is one pass over the training set in a fresh
-permutation and its last `num_examples % B` examples of that permutation are dropped (they are
-seen in other epochs, where the permutation places them elsewhere). Process p of P materialises
+permutation, and the last `num_examples % B` examples of that permutation are dropped (which
+examples these are changes from epoch to epoch with the permutation). Process p of P materialises
 rows `p * B / P : (p + 1) * B / P` of that global batch, so 2 processes x 4 devices see the
 same images, labels and order as 1 x 8, and a run resumed on another topology continues the same
 stream. Augmentation randomness is keyed on (seed, step, position in the global batch), never on
@@ -17,12 +17,12 @@ Sources. TFDS datasets (cifar10, imagenet2012) are read with `tfds.data_source` 
 in another format. The digits sets are NumPy arrays in memory. A record that cannot be read is
 reported with its shard file and index.
 
-Executor (chosen by measurement, docs/benchmarks/input_pipeline.md): a NumPy index sampler and
-batched random-access reads inside a tf.data graph (`tf.numpy_function` per step), then the TF
-per-example preprocessing of `pcjax.preprocessing` in a parallel, order-preserving map. This is
-the issue-permitted "tf.data with index shuffling" design rather than Grain (Grain 0.2.18 does
-install on Python 3.11 but would add a dependency for the same sampler; tf.data already gives
-the parallel map our TF preprocessing needs).
+Executor (measured in docs/benchmarks/input_pipeline.md): a NumPy index sampler and one
+random-access read per record (`source[i]`) inside a tf.data graph (a `tf.numpy_function` per
+step, two steps read concurrently), then the TF per-example preprocessing of
+`pcjax.preprocessing` (image decoding included) in a parallel, order-preserving map. Grain
+0.2.18 installs on Python 3.11 but was not adopted: its sampler does the same index arithmetic
+and tf.data already runs our TF preprocessing in parallel, without one more dependency.
 
 Wire format. CIFAR-10 and ImageNet batches leave the host as uint8 (a quarter of float32's bytes)
 and are normalised on the device (`datasets.normalize_images`, called at the top of the train
@@ -37,8 +37,10 @@ of batches so that all processes run the same number of collective steps.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -56,7 +58,7 @@ from pcjax.datasets import (
 )
 
 Example = dict[str, tf.Tensor]
-DEFAULT_DATA_DIR = "~/tensorflow_datasets (or $TFDS_DATA_DIR)"
+DEFAULT_DATA_DIR = "$TFDS_DATA_DIR or ~/tensorflow_datasets"
 
 
 class DataNotPreparedError(ValueError):
@@ -128,9 +130,7 @@ class IndexSampler:
         with self._lock:
             if epoch not in self._permutations:
                 rng = np.random.default_rng([self.seed, epoch])
-                self._permutations = {
-                    e: p for e, p in self._permutations.items() if e == epoch - 1
-                }
+                self._permutations = {e: p for e, p in self._permutations.items() if e == epoch - 1}
                 self._permutations[epoch] = rng.permutation(self.num_examples)
             return self._permutations[epoch]
 
@@ -166,17 +166,32 @@ class ArraySource:
 
 
 def _prepare_command(name: str, data_dir: str | None) -> str:
-    target = data_dir or DEFAULT_DATA_DIR
-    flag = f" --data_dir={data_dir}" if data_dir else ""
-    build = f"tfds build {name} --file_format=array_record{flag}"
-    if name != "imagenet2012":
-        return f"Prepare it once (downloads ~160 MB) with:\n    {build}"
-    manual = f"{data_dir or '~/tensorflow_datasets'}/downloads/manual"
-    return (
-        "ImageNet needs a manual download: register at https://image-net.org, download "
-        f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar into {manual}/, then run:\n"
-        f"    {build} --manual_dir={manual}\n(data directory: {target})"
-    )
+    """The commands that prepare `name` as array_record in `data_dir` (Python API and TFDS CLI)."""
+    dir_arg = f", data_dir={data_dir!r}" if data_dir else ""
+    dir_flag = f" --data_dir={data_dir}" if data_dir else ""
+    prepare = "download_and_prepare()"
+    manual_flag = ""
+    lines = []
+    if name == "imagenet2012":
+        manual = os.path.join(
+            data_dir or os.path.expanduser("~/tensorflow_datasets"), "downloads", "manual"
+        )
+        config = f"tfds.download.DownloadConfig(manual_dir={manual!r})"
+        prepare = f"download_and_prepare(download_config={config})"
+        manual_flag = f" --manual_dir={manual}"
+        lines.append(
+            "ImageNet needs a manual download: register at https://image-net.org and put "
+            f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in {manual}/. Then run:"
+        )
+    else:
+        lines.append("Prepare it once (it downloads the data) with:")
+    lines += [
+        f'    python -c "import tensorflow_datasets as tfds; tfds.builder({name!r}{dir_arg}, '
+        f"file_format='array_record').{prepare}\"",
+        "or, where the TFDS command line works (it needs apache-beam):",
+        f"    tfds build {name} --file_format=array_record{dir_flag}{manual_flag}",
+    ]
+    return "\n".join(lines)
 
 
 def _tfds_decoders(name: str) -> dict[str, Any] | None:
@@ -482,58 +497,64 @@ def create_eval_dataset(
 # Device-side prefetch and the trainer's entry point.
 
 
+def _put(out: queue.Queue, stop: threading.Event, item: Any) -> bool:
+    """Puts `item` unless `stop` is set first; returns whether it was put."""
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.5)
+            return True
+        except queue.Full:
+            pass
+    return False
+
+
+def _fill(host_batches: Iterator, mesh: Any, out: queue.Queue, stop: threading.Event) -> None:
+    """Producer thread of `DevicePrefetcher`: global device batches, then a final marker."""
+    from pcjax import sharding
+
+    try:
+        for batch in host_batches:
+            if not _put(out, stop, sharding.shard_batch(batch, mesh)):
+                return
+        _put(out, stop, DevicePrefetcher.DONE)
+    except BaseException as error:  # handed to the consumer
+        _put(out, stop, error)
+
+
 class DevicePrefetcher:
     """Iterates global, device-resident batches, keeping `size` of them ahead on the devices.
 
     A background thread turns each per-process host batch into a global array sharded over the
     mesh's batch axis (`sharding.shard_batch`); an error in the thread is raised by `__next__`.
+    The thread stops on `close()` or when the prefetcher is garbage-collected.
     """
 
-    _DONE = object()
+    DONE = object()
 
     def __init__(self, host_batches: Iterator[dict[str, np.ndarray]], mesh: Any, size: int = 2):
-        from pcjax import sharding
-
         if size < 1:
             raise ValueError(f"size must be >= 1, got {size}.")
         self._queue: queue.Queue = queue.Queue(maxsize=size)
         self._stop = threading.Event()
-
-        def fill():
-            try:
-                for batch in host_batches:
-                    item = sharding.shard_batch(batch, mesh)
-                    while not self._put(item):
-                        if self._stop.is_set():
-                            return
-                self._put_final(self._DONE)
-            except BaseException as error:  # handed to the consumer
-                self._put_final(error)
-
-        self._thread = threading.Thread(target=fill, daemon=True, name="device-prefetch")
+        # The thread holds no reference to `self`, so dropping the prefetcher stops it.
+        self._thread = threading.Thread(
+            target=_fill,
+            args=(host_batches, mesh, self._queue, self._stop),
+            daemon=True,
+            name="device-prefetch",
+        )
+        weakref.finalize(self, self._stop.set)
         self._thread.start()
-
-    def _put(self, item: Any) -> bool:
-        try:
-            self._queue.put(item, timeout=0.5)
-            return True
-        except queue.Full:
-            return False
-
-    def _put_final(self, item: Any) -> None:
-        while not self._stop.is_set() and not self._put(item):
-            pass
 
     def __iter__(self) -> DevicePrefetcher:
         return self
 
     def __next__(self) -> dict[str, Any]:
         item = self._queue.get()
-        if item is self._DONE:
-            self._queue.put(item)
-            raise StopIteration
-        if isinstance(item, BaseException):
-            self._queue.put(item)
+        if item is self.DONE or isinstance(item, BaseException):
+            self._queue.put(item)  # every later call ends the same way
+            if item is self.DONE:
+                raise StopIteration
             raise item
         return item
 

@@ -1,6 +1,8 @@
 """The sampler-based input pipeline: epochs, topology-independent batches, O(1) resume, real
 array_record TFDS datasets (tiny, built in a temporary directory), validation and prefetch."""
 
+import gc
+import itertools
 import shutil
 
 import jax
@@ -380,3 +382,14 @@ def test_train_iterator_from_config():
     )[0]
     np.testing.assert_array_equal(batch["image"], host["image"])
     assert batch["image"].sharding == sharding.batch_sharded(mesh)
+
+
+def test_device_prefetcher_thread_stops_when_dropped():
+    host = ({"image": np.full((8, 1), i % 256, np.uint8)} for i in itertools.count())
+    prefetcher = input_pipeline.DevicePrefetcher(host, sharding.make_mesh())
+    next(prefetcher)
+    thread = prefetcher._thread
+    del prefetcher
+    gc.collect()
+    thread.join(timeout=30)  # the producer notices the stop at its next 0.5 s put timeout
+    assert not thread.is_alive()
