@@ -421,7 +421,8 @@ class _Loop:
         fetched = jax.device_get(self.pending)
         finite = np.array([m["finite"] for m in fetched]) > 0
         if not finite.all():
-            self._diverged(step - len(fetched) + int(np.argmin(finite)) + 1, fetched[0])
+            first = int(np.argmin(finite))
+            self._diverged(step - len(fetched) + first + 1, fetched[first])
         keys = [k for k in fetched[0] if k != "finite"]
         summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in keys}
         elapsed = time.perf_counter() - self.tick
