@@ -543,7 +543,7 @@ def initialize_distributed(
     Open MPI, Kubernetes, Cloud TPU) when all three are None."""
     given = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in given) and any(v is None for v in given):
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"Give all of coordinator_address={coordinator_address!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}, or none of them "
             "(auto-detection from the cluster)."
