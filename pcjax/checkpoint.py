@@ -16,6 +16,8 @@ from absl import logging
 from etils import epath
 
 STATE, LOOP = "state", "loop"
+# The item of a checkpoint of the state alone, as written before the "loop" item existed.
+LEGACY = "default"
 
 
 class CheckpointError(RuntimeError):
@@ -55,6 +57,10 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    step_dir = manager.directory / str(step)
+    if not (step_dir / STATE).exists() and (step_dir / LEGACY).exists():
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(step_dir / LEGACY, abstract), {}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -147,8 +153,8 @@ def restore_variables(workdir: str | epath.PathLike, step: int | None = None) ->
         if step is None:
             raise FileNotFoundError(f"No checkpoint under {directory}.")
     item = directory / str(step) / STATE
-    if not item.exists():  # a single-item checkpoint (the state alone), as first written
-        item = directory / str(step) / "default"
+    if not item.exists():
+        item = directory / str(step) / LEGACY
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(item)
