@@ -49,7 +49,8 @@ def create_manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The error as "Type: first line of its message", cut to `limit` characters."""
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(error).__name__}: {line[:limit]}"
@@ -83,7 +84,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
         try:
             state, loop = _restore_step(manager, step, target)
         except Exception as error:  # any damage: log it and try the previous step
-            reason = _first_line(error)
+            reason = first_line(error)
             logging.warning(
                 "Checkpoint step %d at %s does not restore (%s); trying an older one.",
                 step,
