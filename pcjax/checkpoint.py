@@ -16,6 +16,8 @@ from absl import logging
 from etils import epath
 
 STATE, LOOP = "state", "loop"
+# The item of a checkpoint of the state alone, as written before the "loop" item existed.
+LEGACY = "default"
 
 
 class CheckpointError(RuntimeError):
@@ -47,7 +49,8 @@ def create_manager(
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def _first_line(error: BaseException, limit: int = 200) -> str:
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The error as "Type: first line of its message", cut to `limit` characters."""
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(error).__name__}: {line[:limit]}"
@@ -55,6 +58,10 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+    step_dir = manager.directory / str(step)
+    if not (step_dir / STATE).exists() and (step_dir / LEGACY).exists():
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(step_dir / LEGACY, abstract), {}
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -77,7 +84,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
         try:
             state, loop = _restore_step(manager, step, target)
         except Exception as error:  # any damage: log it and try the previous step
-            reason = _first_line(error)
+            reason = first_line(error)
             logging.warning(
                 "Checkpoint step %d at %s does not restore (%s); trying an older one.",
                 step,
@@ -147,8 +154,8 @@ def restore_variables(workdir: str | epath.PathLike, step: int | None = None) ->
         if step is None:
             raise FileNotFoundError(f"No checkpoint under {directory}.")
     item = directory / str(step) / STATE
-    if not item.exists():  # a single-item checkpoint (the state alone), as first written
-        item = directory / str(step) / "default"
+    if not item.exists():
+        item = directory / str(step) / LEGACY
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(item)

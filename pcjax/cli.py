@@ -95,8 +95,6 @@ def main(default_config: str) -> None:
         checkpoint.CheckpointError,
         workdir.WorkdirError,
         train.Diverged,
-        FileNotFoundError,
-        ValueError,
     )
 
     def run(argv: list[str]) -> None:

@@ -416,7 +416,8 @@ class _Loop:
         fetched = jax.device_get(self.pending)
         finite = np.array([m["finite"] for m in fetched]) > 0
         if not finite.all():
-            self._diverged(step - len(fetched) + int(np.argmin(finite)) + 1, fetched[0])
+            first = int(np.argmin(finite))
+            self._diverged(step - len(fetched) + first + 1, fetched[first])
         keys = [k for k in fetched[0] if k != "finite"]
         summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in keys}
         elapsed = time.perf_counter() - self.tick
@@ -536,7 +537,7 @@ def initialize_distributed(
     Open MPI, Kubernetes, Cloud TPU) when all three are None."""
     given = [coordinator_address, num_processes, process_id]
     if any(v is not None for v in given) and any(v is None for v in given):
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"Give all of coordinator_address={coordinator_address!r}, "
             f"num_processes={num_processes!r}, process_id={process_id!r}, or none of them "
             "(auto-detection from the cluster)."

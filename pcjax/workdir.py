@@ -50,7 +50,7 @@ def prepare(workdir: str) -> epath.Path:
         path.exists()
     except Exception as error:  # object store down, no credentials, no such bucket...
         raise WorkdirError(
-            f"Workdir {workdir} is not reachable ({checkpoint._first_line(error)}). Check the "
+            f"Workdir {workdir} is not reachable ({checkpoint.first_line(error)}). Check the "
             "bucket name, the network and the credentials "
             "(gcloud auth application-default login)."
         ) from None

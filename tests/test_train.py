@@ -424,6 +424,28 @@ def test_sigterm_then_sigkill_then_resume_exactly(tmp_path):
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
+    """Importing a main's CLI module starts no TensorFlow; `cli.main` hides accelerators first
+    thing, before any module that imports TensorFlow (TFDS, CLU) is loaded."""
+    code = (
+        "import sys\n"
+        "from pcjax import cli\n"
+        "assert 'tensorflow' not in sys.modules\n"
+        "cli.hide_accelerators_from_tensorflow()\n"
+        "import tensorflow as tf\n"
+        "print(sorted({d.device_type for d in tf.config.get_visible_devices()}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split()[-1] == "['CPU']"
+
+
+def test_partial_coordinator_flags_are_refused():
+    with pytest.raises(config_lib.ConfigError, match="num_processes=None"):
+        train.initialize_distributed("127.0.0.1:1234", None, 0)
+
+
 def test_help_lists_flags_presets_and_overrides():
     out = _run_cli("experiments/cifar10.py", ["--help"])
     assert out.returncode == 0, out.stderr[-3000:]
