@@ -43,14 +43,18 @@ def check_precision(precision: str) -> None:
         raise ValueError(f"Unknown precision {precision!r}; valid choices: {PRECISIONS}.")
 
 
-def dot_operands(a: jax.Array, b: jax.Array, precision: str):
-    """(a, b, lax precision) of a real matmul under the policy: bf16 casts the operands."""
+def dot_operands(a: jax.Array, b: jax.Array, precision: str, general: bool = True):
+    """(a, b, lax precision) of a real matmul under the policy: bf16 casts the operands.
+
+    `general`: the dot may be a batched or non-2-D contraction. XLA:CPU runs plain 2-D
+    bf16 x bf16 -> f32 matmuls (with AVX-512 BF16 at twice the float32 rate) but rejects others
+    ("Unsupported element type for DotThunk"); those get the same numbers (products of bf16
+    values are exact in float32, sums in float32) from the bf16-rounded operands in float32.
+    """
     check_precision(precision)
     if precision == "bf16":
         a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-        if jax.default_backend() == "cpu":
-            # XLA:CPU has no bf16 x bf16 -> f32 dot; the same numbers (products of bf16 values
-            # are exact in float32, float32 sums) from the rounded operands in float32.
+        if general and jax.default_backend() == "cpu":
             return a.astype(jnp.float32), b.astype(jnp.float32), None
         return a, b, None
     lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else None
@@ -65,7 +69,7 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, precision: str = "highest") ->
 
 def matmul(a: jax.Array, b: jax.Array, precision: str = "highest") -> jax.Array:
     """Real `a @ b` under the precision policy, float32 result (float32 accumulation)."""
-    a, b, lax_precision = dot_operands(a, b, precision)
+    a, b, lax_precision = dot_operands(a, b, precision, general=a.ndim != 2 or b.ndim != 2)
     return jnp.matmul(a, b, precision=lax_precision, preferred_element_type=jnp.float32)
 
 
@@ -207,6 +211,7 @@ def project_segments(
     x = jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
     if scales is not None:
         kernel = kernel * scales[:, None, None]
-    y = matmul(x, pack_kernel(kernel, layout), precision)
-    y = y.reshape(*y.shape[:-1], kernel.shape[1], 2)
+    # As one 2-D matmul (a free reshape): the form every backend runs in bf16, see `dot_operands`.
+    y = matmul(x.reshape(-1, x.shape[-1]), pack_kernel(kernel, layout), precision)
+    y = y.reshape(*x.shape[:-1], kernel.shape[1], 2)
     return jax.lax.complex(y[..., 0], y[..., 1])

@@ -154,3 +154,26 @@ def test_block_benchmark_times_every_block_and_sums_them():
     assert total.startswith("| all |")
     assert f"| {sum(r['fwd_bwd_ms'] for r in rows):.0f} |" in total
     assert f"| {sum(r['fwd_bwd_gflop'] for r in rows) * 10:.0f} |" in total  # ms at 100 GFLOP/s
+
+
+@pytest.mark.slow
+def test_accelerator_quick_table_on_cpu():
+    """`benchmarks/accelerator.py --quick` runs end to end and prints one row per model and
+    precision with finite speeds and a one-block error at float32 / bf16 round-off."""
+    accel = _load_benchmark("accelerator")
+    table = accel.main(["--quick", "--precision", "highest", "bf16", "--repeats", "1"])
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| cifar")]
+    assert [(r[0].strip(), r[2].strip()) for r in rows] == [
+        (m, p) for m in ("cifar_a", "cifar_b") for p in ("highest", "bf16")
+    ]
+    for r in rows:
+        assert float(r[4]) > 0 and float(r[5]) > 0  # train and eval images/s
+        error = float(r[9])
+        assert error < (1e-6 if r[2].strip() == "highest" else 1e-2), r
+
+
+def test_accelerator_peaks_per_device_and_precision():
+    accel = _load_benchmark("accelerator")
+    assert accel.peak_tflops("NVIDIA H200", "bf16") == 989.0
+    assert accel.peak_tflops("TPU v5 lite", "highest") == pytest.approx(197.0 / 6)
+    assert accel.peak_tflops("cpu", "highest") is None
