@@ -64,16 +64,31 @@ def test_smoke_alone_is_the_first_preset_shrunk(module):
 
 
 def test_config_files_load_through_config_flags():
+    """file:preset and --config.model.<field> overrides reach the built network."""
     from absl import flags
     from ml_collections import config_flags
 
     from pcjax import configs
 
+    argv = [
+        "prog",
+        f"--config={configs.path('cifar10')}:cst/linear_plus_rho,smoke",
+        "--config.model.widths=(16,16,32)",
+        "--config.model.num_angles=8",
+        "--config.model.threshold_init=0.5",
+    ]
     fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", configs.path("cifar10"), flag_values=fv)
-    fv(["prog", f"--config={configs.path('cifar10')}:cst/linear_plus_rho,smoke"])
-    assert fv.config.model.name == "cifar10/cst/linear_plus_rho"
-    assert fv.config.train.num_steps == 2
+    # config_flags registers the override flags from the command line it is given.
+    config_flags.DEFINE_config_file(
+        "config", configs.path("cifar10"), flag_values=fv, sys_argv=argv
+    )
+    fv(argv)
+    cfg = fv.config
+    assert cfg.model.name == "cifar10/cst/linear_plus_rho" and cfg.train.num_steps == 2
+    config_lib.validate(cfg)
+    model = config_lib.build_model(cfg)
+    assert (model.widths, model.num_angles) == ((16, 16, 32), 8)
+    assert model.nonlinearity_init == {"threshold": 0.5}
     with pytest.raises(ValueError, match="valid choices"):
         configs.path("mnist")
 
