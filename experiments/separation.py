@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from pcjax import analysis, config_lib, configs, data, layers, metrics, models, train  # noqa: E402
+from pcjax import analysis, config_lib, configs, data, datasets, layers, metrics, models, train  # noqa: E402
 from pcjax.configs import digits_canvas  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = ROOT / "docs" / "separation"
@@ -292,7 +292,7 @@ def analyse_run(config: Any, run_dir: Path, splits: Mapping[str, Any]) -> dict[s
         model,
         variables,
         lambda: _batches(x_fit, y_fit, ANALYSIS_BATCH_SIZE),
-        config_lib.NUM_CLASSES[config.data.name],
+        datasets.DATASETS[config.data.name].num_classes,
         eval_batches=lambda: _batches(x_test, y_test, ANALYSIS_BATCH_SIZE),
         classifier=(analysis.CLASSIFIER_LAYER, classifier),
     )

@@ -186,13 +186,13 @@ class PhaseCollapseBlock(nn.Module):
     features: int
     num_angles: int
     filter_mode: str
-    full_angles: bool = False
     block_type: str = "rho_psi"
     nonlinearity: str = "mod"
     nonlinearity_init: Mapping[str, float] | None = None
     learn_nonlinearity: bool = True
     wavelet_method: str = "auto"
     precision: str = "highest"
+    full_angles: bool = False  # orientations over 2 pi (REFERENCE.md 1.3)
 
     def _rho(self, z: jax.Array) -> jax.Array:
         names = nonlinear.COMPLEX_NONLINEARITIES[self.nonlinearity]

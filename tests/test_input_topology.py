@@ -14,8 +14,9 @@ import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+
+from pcjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "topology_driver.py")
@@ -60,13 +61,9 @@ def _launch(workdir, num_processes: int, num_steps: int, dump_batches: int = 0) 
 
 def _params(workdir, step: int):
     """The parameters saved at `step`, restored onto one device whatever topology saved them."""
-    path = os.path.join(workdir, "checkpoints", str(step), "default")
-    checkpointer = ocp.StandardCheckpointer()
-    meta = checkpointer.metadata(path)
-    meta = getattr(meta, "item_metadata", meta)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    return jax.device_get(checkpointer.restore(path, target)["params"])
+    state, at = checkpoint.restore_variables(workdir, step)
+    assert at == step
+    return jax.device_get(state["params"])
 
 
 @pytest.fixture(scope="module")

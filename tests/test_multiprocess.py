@@ -15,7 +15,7 @@ from pcjax import checkpoint, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
-    "--config=experiments/configs/digits.py:smoke",
+    "--config=pcjax/configs/digits.py:smoke",
     "--config.model.widths=(4,8)",
     "--config.data.global_batch_size=16",
     "--config.train.checkpoint_every_steps=2",
