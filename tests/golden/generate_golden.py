@@ -79,13 +79,14 @@ def _reference_args(main_block, flags: list[str]):
 
 
 def _overwrite_parameters(torch, model, prefix: str, out: dict, keep_head: bool) -> None:
-    """Sets every parameter to `golden_weights(prefix + name)` (gains and biases: their initial
-    value plus 0.05 N(0, 1)) and records it as out[prefix + "params/" + name]; the classifier
-    head's only if `keep_head` (the block cases compare block outputs, not logits)."""
+    """Sets every parameter to `golden_weights(prefix + name)` (the non-linearity's gains and
+    thresholds: their paper initial value plus 0.05 N(0, 1)) and records it as
+    out[prefix + "params/" + name]; the classifier head's only if `keep_head` (the block cases
+    compare block outputs, not logits)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             shape = tuple(p.shape)
-            if name.endswith(("gain", "bias")) and "linear" not in name and "fc" not in name:
+            if name.endswith(("gain", "bias")) and p.ndim == 3:  # rho's (C, 1, 1) parameters
                 base = float(p.detach().reshape(-1)[0])
                 w = base + 0.05 * golden_weights(prefix + name, shape, 1.0)
             else:
