@@ -77,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every_steps = 1000
     cfg.train.max_checkpoints_to_keep = 3
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
+    cfg.train.events_dir = ""  # TensorBoard events (written by TensorFlow); "": the workdir
     # Opt-in, for CPU benchmarks through `pcjax.train.run`: steps run one at a time and reuse
     # the last step's host memory instead of page-faulting fresh memory in (pcjax.host_memory).
     # Nothing is changed on GPU/TPU hosts.

@@ -330,6 +330,7 @@ def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any
 
 def _build(config, path, mesh, manager, data) -> Run:
     """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
+    writer = _events_writer(config, path)
     steps_per_epoch, num_steps, eval_every = _steps(
         config, data.num_train_examples(config.data.name, config.data.data_dir)
     )
@@ -343,7 +344,6 @@ def _build(config, path, mesh, manager, data) -> Run:
     )(jax.random.key(config.seed))
     state, loop_state, restored = checkpoint.restore_latest(manager, state)
     start_step = int(restored or 0)
-    writer = metric_writers.create_default_writer(str(path), just_logging=jax.process_index() > 0)
     if start_step == 0:
         _write_hparams(config, writer)
         parameter_overview.log_parameter_overview(state.params)
@@ -363,7 +363,9 @@ def _build(config, path, mesh, manager, data) -> Run:
         )
     ]
     if config.train.profile and jax.process_index() == 0:
-        hooks.append(periodic_actions.Profile(logdir=str(path), num_profile_steps=5))
+        hooks.append(
+            periodic_actions.Profile(logdir=_events_dir(config, path), num_profile_steps=5)
+        )
     logging.info(
         "devices=%d processes=%d global_batch=%d steps=%d (%d/epoch), starting at step %d",
         mesh.size,
@@ -390,6 +392,29 @@ def _build(config, path, mesh, manager, data) -> Run:
         loop_state=loop_state,
         hooks=hooks,
     )
+
+
+def _events_dir(config: ml_collections.ConfigDict, path: Any) -> str:
+    return config.train.events_dir or str(path)
+
+
+def _events_writer(config: ml_collections.ConfigDict, path: Any) -> metric_writers.MetricWriter:
+    """CLU's writer: TensorBoard events from process 0, in train.events_dir or the workdir.
+
+    The events go through tf.summary, hence TensorFlow's own file systems, not etils.epath:
+    where TensorFlow cannot write (its gs:// client ignores STORAGE_EMULATOR_HOST) this fails
+    before anything compiles, in one line.
+    """
+    events = _events_dir(config, path)
+    try:
+        return metric_writers.create_default_writer(events, just_logging=jax.process_index() > 0)
+    except Exception as error:  # TensorFlow's errors: no credentials, unreachable endpoint...
+        raise workdir_lib.WorkdirError(
+            f"TensorBoard events cannot be written to {events} "
+            f"({checkpoint.first_line(error)}). They go through TensorFlow (tf.summary), whose "
+            "gs:// client always talks to storage.googleapis.com; set "
+            "--config.train.events_dir to a folder or bucket TensorFlow can write."
+        ) from None
 
 
 def _write_hparams(config: ml_collections.ConfigDict, writer: metric_writers.MetricWriter):
