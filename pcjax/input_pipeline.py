@@ -202,8 +202,12 @@ def _tfds_decoders(name: str) -> dict[str, Any] | None:
     return {"image": tfds.decode.SkipDecoding()}
 
 
-def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[Any]:
+def open_source(
+    name: str, split: str, data_dir: str | None = None, image_size: int | None = None
+) -> Sequence[Any]:
     """Returns a random-access source of split `split` of `name` (`len`, `source[i]`).
+
+    `image_size` matters only for the in-memory digits sets, whose records are made at that size.
 
     Raises:
         DataNotPreparedError: a TFDS dataset missing or not prepared as array_record, with the
@@ -211,7 +215,7 @@ def open_source(name: str, split: str, data_dir: str | None = None) -> Sequence[
     """
     dataset = spec(name)
     if not dataset.tfds:
-        return ArraySource(*toy_data.load_split(name, split))
+        return ArraySource(*toy_data.load_split(name, split, image_size))
     import tensorflow_datasets as tfds
 
     try:
@@ -390,7 +394,7 @@ def create_train_dataset(
         raise ValueError(f"start_step must be >= 0, got {start_step}.")
     preprocessing.hide_accelerators_from_tf()
     if source is None:
-        source = open_source(name, dataset.train_split, data_dir)
+        source = open_source(name, dataset.train_split, data_dir, size)
     sampler = IndexSampler(len(source), global_batch_size, seed)
     rows = sampler.process_rows(process_index, process_count)
     image_spec = _record_spec(name, size)
@@ -459,7 +463,7 @@ def create_eval_dataset(
     batch_size = per_process_batch_size(global_batch_size, process_count)
     preprocessing.hide_accelerators_from_tf()
     if source is None:
-        source = open_source(name, dataset.eval_split, data_dir)
+        source = open_source(name, dataset.eval_split, data_dir, size)
     num_examples = len(source)
     counts = process_example_counts(num_examples, process_count)
     first = sum(counts[:process_index])

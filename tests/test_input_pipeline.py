@@ -393,3 +393,21 @@ def test_device_prefetcher_thread_stops_when_dropped():
     gc.collect()
     thread.join(timeout=30)  # the producer notices the stop at its next 0.5 s put timeout
     assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("size", [8, 32])
+def test_digits_at_another_size_read_records_of_that_size(size):
+    """A digits stream at a non-default size reads records built at that size, train and eval."""
+    images, labels = toy_data.load_split("digits", "train", size)
+    ds = input_pipeline.create_train_dataset(
+        "digits", global_batch_size=16, seed=3, image_size=size
+    )
+    batch = next(ds.as_numpy_iterator())
+    assert batch["image"].shape == (16, size, size, 1)
+    indices = input_pipeline.IndexSampler(len(labels), 16, 3).global_indices(0)
+    np.testing.assert_array_equal(batch["label"], labels[indices])
+    ds, count = input_pipeline.create_eval_dataset("digits", global_batch_size=64, image_size=size)
+    test_images, _ = toy_data.load_split("digits", "test", size)
+    first = next(ds.as_numpy_iterator())
+    assert count == len(test_images) and first["image"].shape == (64, size, size, 1)
+    np.testing.assert_array_equal(first["image"], test_images[:64])
