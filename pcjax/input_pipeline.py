@@ -562,9 +562,15 @@ class DevicePrefetcher:
             raise item
         return item
 
-    def close(self) -> None:
-        """Stops the background thread (it exits within its next 0.5 s put timeout)."""
+    def close(self, timeout_s: float = 120.0) -> None:
+        """Stops the background thread and waits for it (at most `timeout_s`).
+
+        Waiting matters at interpreter exit: a daemon thread still inside TensorFlow's C++
+        iterator when Python finalises aborts the process, after the run has finished.
+        """
         self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
 
 def create_train_iterator(config: Any, start_step: int, mesh: Any) -> DevicePrefetcher:

@@ -539,6 +539,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         result = train_loop(run)
     finally:
+        close = getattr(run.train_batches, "close", None)
+        if close is not None:
+            close()  # the prefetch thread must not outlive the run (see DevicePrefetcher.close)
         run.manager.close()
         if lock is not None:
             workdir_lib.release_lock(lock)

@@ -411,3 +411,12 @@ def test_digits_at_another_size_read_records_of_that_size(size):
     first = next(ds.as_numpy_iterator())
     assert count == len(test_images) and first["image"].shape == (64, size, size, 1)
     np.testing.assert_array_equal(first["image"], test_images[:64])
+
+
+def test_device_prefetcher_close_waits_for_the_producer():
+    """`close` returns only once the producer thread has exited, even with nothing consumed:
+    a thread left inside TensorFlow's iterator when the interpreter exits aborts the process."""
+    host = ({"image": np.full((8, 1), i % 256, np.uint8)} for i in itertools.count())
+    prefetcher = input_pipeline.DevicePrefetcher(host, sharding.make_mesh(), size=1)
+    prefetcher.close()
+    assert not prefetcher._thread.is_alive()

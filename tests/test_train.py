@@ -459,3 +459,21 @@ def test_help_lists_flags_presets_and_overrides():
         "143",
     ):
         assert text in out.stdout, (text, out.stdout[-3000:])
+
+
+def test_train_and_evaluate_stops_its_input_thread(tmp_path, monkeypatch):
+    """Training, and the rerun of the finished run (which takes no step), both leave no input
+    prefetch thread behind when they return."""
+    from pcjax import input_pipeline
+
+    made = []
+
+    def recording(*args, **kwargs):
+        made.append(create(*args, **kwargs))
+        return made[-1]
+
+    create = input_pipeline.create_train_iterator
+    monkeypatch.setattr(input_pipeline, "create_train_iterator", recording)
+    for _ in range(2):
+        train.train_and_evaluate(_tiny_config(num_steps=2), str(tmp_path / "wd"))
+    assert len(made) == 2 and not any(p._thread.is_alive() for p in made)
