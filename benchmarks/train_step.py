@@ -4,6 +4,14 @@
     python benchmarks/train_step.py --quick          # small batches, smoke run
     python benchmarks/train_step.py --rows cifar_b   # one row
     python benchmarks/train_step.py --host-memory hugepages  # or default: see below
+    python benchmarks/train_step.py --reference CHECKOUT --reference-python TORCH_PYTHON
+
+Speed-ups (`--reference`): each row is followed by the same row of the authors' PyTorch code
+(`benchmarks/reference_step.py`, run by a Python with torch from a local checkout, never
+vendored) under the equivalent host-memory setting, and ratios are printed against those
+figures only. Without it, the reference columns are absolute figures recorded earlier
+(`REFERENCE`), printed with their date and machine and never divided into a ratio: runs of one
+setting on one machine moved by up to 38 % between sessions.
 
 Host memory (`--host-memory`): XLA:CPU allocates a step's temporaries afresh on every call
 (2.5 GB for the CIFAR variant-B train step), and glibc maps them anew each time, so with 4 KiB
@@ -12,8 +20,7 @@ memory"). `reuse` (the default, as `pcjax.train.run` runs on CPU) keeps freed me
 and runs CPU steps synchronously (`pcjax.host_memory`), so each step reuses the last one's
 pages; `hugepages` runs each row's process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead
 (transparent huge pages: about two thousand faults per step); `default` is glibc's default.
-Each setting writes its own table and is compared with reference figures taken under the
-equivalent setting.
+Each setting writes its own table.
 
 Each row runs in its own subprocess so its peak RSS is its own. Train rows are the median of
 `--steps` timed steps after `WARMUP_STEPS` untimed ones. The train step is exactly
@@ -33,6 +40,7 @@ Also writes the rows as CSV next to the Markdown table.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -61,22 +69,22 @@ from timing import compiled_flops, matmul_peak_gflops  # noqa: E402
 # so each setting has its own figures.
 REFERENCE = {
     "reuse": {
-        "cifar_b": {"train": 8.46, "eval": 22.39, "rss_gib": 10.75},
-        "cifar_a": {"train": 13.85, "eval": 31.95, "rss_gib": 5.85},
+        "cifar_b": {"train_ips": 8.46, "eval_ips": 22.39, "rss_gib": 10.75},
+        "cifar_a": {"train_ips": 13.85, "eval_ips": 31.95, "rss_gib": 5.85},
         # Its train step was killed for memory on this 24 GiB machine (without the arena
         # setting: freed memory is never returned to the kernel, and its heap outgrew the
         # machine). Peak RSS is the eval's.
-        "imagenet_b": {"train": None, "eval": 1.59, "rss_gib": 6.44},
+        "imagenet_b": {"train_ips": None, "eval_ips": 1.59, "rss_gib": 6.44},
     },
     "hugepages": {
-        "cifar_b": {"train": 5.08, "eval": 19.49, "rss_gib": 6.09},
-        "cifar_a": {"train": 7.80, "eval": 25.24, "rss_gib": 4.08},
-        "imagenet_b": {"train": 0.37, "eval": 0.95, "rss_gib": 12.51},
+        "cifar_b": {"train_ips": 5.08, "eval_ips": 19.49, "rss_gib": 6.09},
+        "cifar_a": {"train_ips": 7.80, "eval_ips": 25.24, "rss_gib": 4.08},
+        "imagenet_b": {"train_ips": 0.37, "eval_ips": 0.95, "rss_gib": 12.51},
     },
     "default": {
-        "cifar_b": {"train": 3.14, "eval": 12.08, "rss_gib": 6.02},
-        "cifar_a": {"train": 4.69, "eval": 15.58, "rss_gib": 4.10},
-        "imagenet_b": {"train": 0.18, "eval": 0.88, "rss_gib": 12.45},
+        "cifar_b": {"train_ips": 3.14, "eval_ips": 12.08, "rss_gib": 6.02},
+        "cifar_a": {"train_ips": 4.69, "eval_ips": 15.58, "rss_gib": 4.10},
+        "imagenet_b": {"train_ips": 0.18, "eval_ips": 0.88, "rss_gib": 12.45},
     },
 }
 # When and where REFERENCE was measured: absolute figures, printed as such (a ratio against
@@ -86,14 +94,20 @@ REFERENCE_MACHINE = "the 2-core development CPU machine"
 # The same measurement taken earlier on another 2-core machine of this type (its fp32 matmul
 # peak was about 2x this one's), kept for comparison.
 REFERENCE_EARLIER = {
-    "cifar_b": {"train": 5.7, "eval": 33.4, "rss_gib": 6.2},
-    "cifar_a": {"train": 8.0, "eval": 37.0, "rss_gib": 4.2},
-    "imagenet_b": {"train": 0.30, "eval": 1.46, "rss_gib": 12.6},
+    "cifar_b": {"train_ips": 5.7, "eval_ips": 33.4, "rss_gib": 6.2},
+    "cifar_a": {"train_ips": 8.0, "eval_ips": 37.0, "rss_gib": 4.2},
+    "imagenet_b": {"train_ips": 0.30, "eval_ips": 1.46, "rss_gib": 12.6},
 }
 # Untimed train steps before the timed ones.
 WARMUP_STEPS = 3
-# Speed-up targets over the side-by-side reference.
+# Speed-up targets over the reference timed in the same run.
 TRAIN_TARGET, EVAL_TARGET = 4.0, 3.0
+# glibc tunables that give the reference's process what `pcjax.host_memory.keep_freed_memory`
+# gives pcjax's ("reuse"; eager PyTorch has no asynchronous dispatch to turn off).
+KEEP_FREED_TUNABLES = (
+    "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615:"
+    "glibc.malloc.arena_max=1"
+)
 ROWS = {
     "cifar_b": ("cifar10/mod/linear_plus_rho", 128),
     "cifar_a": ("cifar10/mod/rho_psi", 128),
@@ -293,8 +307,9 @@ HOST_MEMORY = {
 }
 
 
-def child_environment(host_memory_setting: str) -> dict[str, str]:
-    """Environment of a row's process: ours, plus glibc's huge-page tunable for `hugepages`.
+def child_environment(host_memory_setting: str, reference: bool = False) -> dict[str, str]:
+    """Environment of a row's process: ours, plus glibc's huge-page tunable for `hugepages`,
+    and for the reference's process under `reuse` the tunables of `KEEP_FREED_TUNABLES`.
 
     glibc reads tunables only at process start, which is one reason rows run in subprocesses.
     Other tunables already set are kept; on other C libraries or with THP disabled in the
@@ -305,6 +320,8 @@ def child_environment(host_memory_setting: str) -> dict[str, str]:
     tunables = [t for t in tunables if not t.startswith("glibc.malloc.hugetlb=")]
     if host_memory_setting == "hugepages":
         tunables.append(HUGEPAGE_TUNABLE)
+    if host_memory_setting == "reuse" and reference:
+        tunables += KEEP_FREED_TUNABLES.split(":")
     if tunables:
         env["GLIBC_TUNABLES"] = ":".join(tunables)
     else:
@@ -312,32 +329,118 @@ def child_environment(host_memory_setting: str) -> dict[str, str]:
     return env
 
 
-def _run_row(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
-    """Measures one row in a fresh subprocess; its own peak RSS comes from wait4."""
-    cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
-    cmd += ["--host-memory", host_memory_setting]
+def _run_process(cmd: list[str], env: dict[str, str], what: str) -> dict:
+    """Runs `cmd`, returns the JSON of its last stdout line plus its own peak RSS (from wait4)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=err, cwd=ROOT, env=child_environment(host_memory_setting)
-        )
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{row} failed:\n{err.read()[-3000:]}")
+        if returncode != 0:
+            raise RuntimeError(f"{what} failed (exit {returncode}):\n{err.read()[-3000:]}")
         result = json.loads(out.read().strip().splitlines()[-1])
     result["rss_gib"] = usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    return result
+
+
+def _run_row(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
+    """Measures one pcjax row in a fresh subprocess."""
+    cmd = [sys.executable, __file__, "--_child", row, "--batch", str(batch), "--steps", str(steps)]
+    cmd += ["--host-memory", host_memory_setting]
+    result = _run_process(cmd, child_environment(host_memory_setting), row)
     result["host_memory"] = host_memory_setting
     return result
 
 
-def _table(results: list[dict], peak: float) -> str:
+def _run_reference_row(
+    row: str, batch: int, steps: int, host_memory_setting: str, reference: Reference
+) -> dict:
+    """Measures the same row of the authors' code in a fresh subprocess of `reference.python`."""
+    cmd = [reference.python, os.path.join(ROOT, "benchmarks", "reference_step.py")]
+    cmd += [reference.checkout, "--row", row, "--batch", str(batch), "--steps", str(steps)]
+    cmd += ["--warmup", str(WARMUP_STEPS), "--memory-limit-gib", str(reference.memory_gib)]
+    env = child_environment(host_memory_setting, reference=True)
+    return _run_process(cmd, env, f"reference {row}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """Where the authors' code is and how to run it (`--reference*` flags)."""
+
+    checkout: str
+    python: str
+    memory_gib: float
+
+
+def check_reference(checkout: str, python: str, memory_gib: float) -> Reference:
+    """A `Reference`, or SystemExit naming what is missing, before any row is timed."""
+    checkout = os.path.abspath(checkout)
+    if not os.path.isfile(os.path.join(checkout, "main_block.py")):
+        raise SystemExit(
+            f"--reference {checkout}: no main_block.py there; pass a checkout of "
+            "FlorentinGuth/PhaseCollapse (REFERENCE.md 7.1 lists the two fixes it needs)."
+        )
+    try:
+        probe = subprocess.run(
+            [python, "-c", "import torch, scipy"], capture_output=True, text=True, check=False
+        )
+        problem = probe.stderr.strip().splitlines()[-1] if probe.returncode else ""
+    except OSError as e:
+        problem = str(e)
+    if problem:
+        raise SystemExit(
+            f"--reference-python {python} cannot import torch and scipy ({problem}); "
+            "pass a Python that has them."
+        )
+    return Reference(checkout, python, memory_gib)
+
+
+def reference_figures(r: dict) -> tuple[dict, bool]:
+    """(train/eval img/s and peak RSS of the reference for row `r`, measured in this run?)."""
+    if "ref" in r:
+        return r["ref"], True
+    return REFERENCE[r["host_memory"]][r["row"]], False
+
+
+def _fmt_ips(x: float | None) -> str:
+    return "out of memory" if x is None else f"{x:.2f}"
+
+
+def _ratio(ours: float, ref: float | None) -> str:
+    return "-" if ref is None else f"{ours / ref:.1f}x"
+
+
+def _throughput_table(results: list[dict]) -> list[str]:
+    same_run = [reference_figures(r)[1] for r in results]
+    if all(same_run):
+        lines = [
+            "Throughput. Reference: the authors' code timed in this run, right after each row, "
+            "under the equivalent host-memory setting.",
+            "",
+            "| model | batch | train img/s | ref train | train speed-up | eval img/s | ref eval "
+            "| eval speed-up | input img/s | peak RSS GiB | ref RSS GiB | compile s "
+            "| page faults / train step | kernel CPU s / train step |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results:
+            ref = r["ref"]
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['train_ips']:.2f} | "
+                f"{_fmt_ips(ref['train_ips'])} | {_ratio(r['train_ips'], ref['train_ips'])} | "
+                f"{r['eval_ips']:.2f} | {_fmt_ips(ref['eval_ips'])} | "
+                f"{_ratio(r['eval_ips'], ref['eval_ips'])} | {r['input_ips']:.0f} | "
+                f"{r['rss_gib']:.1f} | {ref['rss_gib']:.1f} | {r['compile_s']:.0f} | "
+                f"{r['train_page_faults_per_step']:,.0f} | {r['train_sys_s_per_step']:.2f} |"
+            )
+        return lines
+    if any(same_run):
+        raise ValueError("Either every row or none has a same-run reference.")
     lines = [
         "Throughput. The reference columns are absolute figures of the authors' code measured "
         f"on {REFERENCE_DATE} ({REFERENCE_MACHINE}) / on an earlier machine of the same type, "
         "not in this run, so no ratio is printed: runs of one setting on this machine moved by "
-        "up to 38 % between sessions.",
+        "up to 38 % between sessions. `--reference CHECKOUT` times it in the same run.",
         "",
         "| model | batch | train img/s | ref train (absolute) | eval img/s | ref eval (absolute) "
         "| input img/s | peak RSS GiB | ref RSS GiB | compile s "
@@ -346,16 +449,52 @@ def _table(results: list[dict], peak: float) -> str:
     ]
     for r in results:
         ref, old = REFERENCE[r["host_memory"]][r["row"]], REFERENCE_EARLIER[r["row"]]
-        ref_train = "out of memory" if ref["train"] is None else ref["train"]
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['train_ips']:.2f} | "
-            f"{ref_train} / {old['train']} | "
-            f"{r['eval_ips']:.2f} | {ref['eval']} / {old['eval']} | "
+            f"{_fmt_ips(ref['train_ips'])} / {old['train_ips']} | "
+            f"{r['eval_ips']:.2f} | {ref['eval_ips']} / {old['eval_ips']} | "
             f"{r['input_ips']:.0f} | {r['rss_gib']:.1f} | "
             f"{ref['rss_gib']} / {old['rss_gib']} | {r['compile_s']:.0f} | "
             f"{r['train_page_faults_per_step']:,.0f} | {r['train_sys_s_per_step']:.2f} |"
         )
-    lines += [
+    return lines
+
+
+def _target_table(results: list[dict], peak: float) -> list[str]:
+    """Speed-up targets over the same-run reference, against each row's matmul-peak bound."""
+    if not all(reference_figures(r)[1] for r in results):
+        return [
+            "No speed-up target is checked: that needs the reference timed in the same run "
+            "(`--reference CHECKOUT`)."
+        ]
+    lines = [
+        f"Targets (train {TRAIN_TARGET:g}x, eval {EVAL_TARGET:g}x the reference of this run) "
+        "against the bound:",
+        "",
+        "| model | train target img/s | train bound | train met | eval target img/s "
+        "| eval bound | eval met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cells = []
+        for kind, factor in (("train", TRAIN_TARGET), ("eval", EVAL_TARGET)):
+            bound = peak_bound_ips(r[f"{kind}_gflop_per_img"], peak)
+            ref_ips = r["ref"][f"{kind}_ips"]
+            if ref_ips is None:
+                cells += ["- (reference out of memory)", f"{bound:.1f}", "-"]
+                continue
+            target = factor * ref_ips
+            met = "yes" if r[f"{kind}_ips"] >= target else "no"
+            if met == "no" and bound < target:
+                met = "no (target above the bound)"
+            cells += [f"{target:.2f}", f"{bound:.1f}", met]
+        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _table(results: list[dict], peak: float) -> str:
+    lines = [
+        *_throughput_table(results),
         "",
         f"FLOPs (fp32 4096x4096 matmul peak measured in the same run: {peak:.0f} GFLOP/s):",
         "",
@@ -384,37 +523,20 @@ def _table(results: list[dict], peak: float) -> str:
         "Bound: the img/s if every executed FLOP ran at that 4096x4096 matmul rate (smaller "
         "matmuls can run somewhat faster; see docs/benchmarks/README.md).",
         "",
-        "Targets (train 4x, eval 3x the side-by-side reference) against the bound:",
-        "",
-        "| model | train target img/s | train bound | train met | eval target img/s "
-        "| eval bound | eval met |",
-        "|---|---|---|---|---|---|---|",
+        *_target_table(results, peak),
     ]
-    for r in results:
-        ref = REFERENCE[r["host_memory"]][r["row"]]
-        cells = []
-        for kind, factor in (("train", TRAIN_TARGET), ("eval", EVAL_TARGET)):
-            bound = peak_bound_ips(r[f"{kind}_gflop_per_img"], peak)
-            if ref[kind] is None:
-                cells += ["- (reference out of memory)", f"{bound:.1f}", "-"]
-                continue
-            target = factor * ref[kind]
-            met = "yes" if r[f"{kind}_ips"] >= target else "no"
-            if met == "no" and bound < target:
-                met = "no (target above the bound)"
-            cells += [f"{target:.2f}", f"{bound:.1f}", met]
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def _write_csv(results: list[dict], path: str, peak: float) -> None:
     import csv
 
-    fields = sorted({k for r in results for k in r})
+    fields = sorted({k for r in results for k in r} - {"ref"})
     extra = [
         "ref_train_ips",
         "ref_eval_ips",
         "ref_rss_gib",
+        "ref_same_run",
         "matmul_peak_gflops",
         "train_bound_ips",
         "eval_bound_ips",
@@ -423,13 +545,14 @@ def _write_csv(results: list[dict], path: str, peak: float) -> None:
         w = csv.DictWriter(f, fieldnames=[*fields, *extra])
         w.writeheader()
         for r in results:
-            ref = REFERENCE[r["host_memory"]][r["row"]]
+            ref, same_run = reference_figures(r)
             w.writerow(
                 {
-                    **r,
-                    "ref_train_ips": ref["train"],
-                    "ref_eval_ips": ref["eval"],
+                    **{k: v for k, v in r.items() if k != "ref"},
+                    "ref_train_ips": ref["train_ips"],
+                    "ref_eval_ips": ref["eval_ips"],
                     "ref_rss_gib": ref["rss_gib"],
+                    "ref_same_run": same_run,
                     "matmul_peak_gflops": peak,
                     "train_bound_ips": peak_bound_ips(r["train_gflop_per_img"], peak),
                     "eval_bound_ips": peak_bound_ips(r["eval_gflop_per_img"], peak),
@@ -452,17 +575,42 @@ def main() -> None:
         default="reuse",
         help="how each row's process gets host memory (see the docstring; default: reuse)",
     )
+    parser.add_argument(
+        "--reference",
+        metavar="CHECKOUT",
+        help="also time the authors' code from this checkout after each row, and print ratios",
+    )
+    parser.add_argument(
+        "--reference-python",
+        default=sys.executable,
+        help="a Python with torch and scipy for --reference (default: this one)",
+    )
+    parser.add_argument(
+        "--reference-memory-gib",
+        type=float,
+        default=0.85 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
+        help="address-space limit of the reference's process, so that a step that does not "
+        "fit fails with an error instead of the machine swapping (default: 85%% of RAM)",
+    )
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._child:
         print(json.dumps(measure(args._child, args.batch, args.steps, args.host_memory)))
         return
+    reference = None
+    if args.reference:
+        reference = check_reference(
+            args.reference, args.reference_python, args.reference_memory_gib
+        )
     import jax
 
     results = []
     for row in args.rows:
         batch = 8 if args.quick else (args.batch or ROWS[row][1])
-        results.append(_run_row(row, batch, 2 if args.quick else args.steps, args.host_memory))
+        steps = 2 if args.quick else args.steps
+        results.append(_run_row(row, batch, steps, args.host_memory))
+        if reference is not None:
+            results[-1]["ref"] = _run_reference_row(row, batch, steps, args.host_memory, reference)
         print(json.dumps(results[-1]), flush=True)
     peak = matmul_peak_gflops()
     cpu = platform.processor() or platform.machine()
@@ -471,8 +619,14 @@ def main() -> None:
         f"Date: {datetime.date.today()}; jax {jax.__version__}; device "
         f"{results[0]['device']}; {os.cpu_count()} CPU cores ({cpu}).  \n"
         f"Host memory: {HOST_MEMORY[args.host_memory][1]} (see the script's docstring).\n"
-        "Reference: the authors' PyTorch code, torch 2.13 CPU, 2 threads (see `REFERENCE` in "
-        "the script for how it was measured).\n"
+        + (
+            "Reference: the authors' PyTorch code from a local checkout, torch "
+            f"{results[0]['ref']['torch']} CPU, {results[0]['ref']['threads']} threads, timed in "
+            "this run (benchmarks/reference_step.py).\n"
+            if reference is not None
+            else "Reference: the authors' PyTorch code, torch 2.13 CPU, 2 threads, figures "
+            "recorded earlier (see `REFERENCE` in the script for how they were measured).\n"
+        )
     )
     table = header + "\n" + _table(results, peak) + "\n"
     print(table)

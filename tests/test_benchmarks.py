@@ -16,6 +16,7 @@ def _load_benchmark(name: str):
         f"bench_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -30,9 +31,14 @@ def test_child_environment_adds_and_removes_the_tunable(monkeypatch):
     for setting in ("reuse", "default"):  # reuse is set inside the process (pcjax.host_memory)
         off = bench.child_environment(setting)["GLIBC_TUNABLES"].split(":")
         assert off == ["glibc.malloc.tcache_count=0"]
+    # The reference's process gets the glibc equivalent of pcjax.host_memory under "reuse".
+    ref = bench.child_environment("reuse", reference=True)["GLIBC_TUNABLES"].split(":")
+    assert ref == ["glibc.malloc.tcache_count=0", *bench.KEEP_FREED_TUNABLES.split(":")]
+    assert "glibc.malloc.arena_max=1" in ref and "glibc.malloc.mmap_max=0" in ref
     monkeypatch.delenv("GLIBC_TUNABLES")
     assert bench.child_environment("hugepages")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert "GLIBC_TUNABLES" not in bench.child_environment("default")
+    assert "GLIBC_TUNABLES" not in bench.child_environment("default", reference=True)
 
 
 def _thp_mode() -> str:
@@ -85,7 +91,7 @@ def test_every_host_memory_setting_has_reference_figures_and_its_own_table():
         assert set(figures) == set(bench.ROWS)
         # None: the reference could not run that row under the setting (out of memory).
         assert all(v is None or v > 0 for row in figures.values() for v in row.values())
-        assert all(row["eval"] > 0 and row["rss_gib"] > 0 for row in figures.values())
+        assert all(row["eval_ips"] > 0 and row["rss_gib"] > 0 for row in figures.values())
 
 
 def _result(row: str, train_ips: float, eval_ips: float, train_gflop: float, eval_gflop: float):
@@ -109,34 +115,79 @@ def _result(row: str, train_ips: float, eval_ips: float, train_gflop: float, eva
     }
 
 
-def test_target_table_compares_each_row_with_its_matmul_peak_bound():
-    ref = bench.REFERENCE["reuse"]
-    peak = 200.0
-    a_train = bench.TRAIN_TARGET * ref["cifar_a"]["train"]
-    a_eval = bench.EVAL_TARGET * ref["cifar_a"]["eval"]
-    results = [
-        # Beats both targets.
-        _result("cifar_a", 1.1 * a_train, 1.1 * a_eval, peak / (2 * a_train), peak / (2 * a_eval)),
-        # Misses both; at 100 GFLOP per image even the peak gives 2 img/s, below either target.
-        _result("cifar_b", 1.0, 1.0, 100.0, 100.0),
-        # Misses eval although the bound (peak / 1 GFLOP) is far above its target.
-        _result("imagenet_b", 0.5, 0.5, 1.0, 1.0),
-    ]
-    table = bench._table(results, peak)
-    rows = {
+def _same_run(result: dict, train_ips: float | None, eval_ips: float) -> dict:
+    """`result` with reference figures "measured in the same run"."""
+    return {**result, "ref": {"train_ips": train_ips, "eval_ips": eval_ips, "rss_gib": 2.0}}
+
+
+def _rows(table: str, section: str) -> dict[str, str]:
+    """Lines of the first table after `section` first occurs, keyed by model name."""
+    lines = []
+    for line in table.split(section, 1)[1].splitlines():
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
+    return {
         line.split(" | ")[0].lstrip("| "): line
-        for line in table.split("Targets")[1].splitlines()
+        for line in lines
         if line.startswith("| cifar") or line.startswith("| imagenet")
     }
+
+
+def test_target_table_compares_each_row_with_the_same_run_reference_and_its_bound():
+    peak = 200.0
+    ref_a_train, ref_a_eval = 3.0, 10.0
+    a_train, a_eval = bench.TRAIN_TARGET * ref_a_train, bench.EVAL_TARGET * ref_a_eval
+    results = [
+        # Beats both targets.
+        _same_run(
+            _result(
+                "cifar_a", 1.1 * a_train, 1.1 * a_eval, peak / (2 * a_train), peak / (2 * a_eval)
+            ),
+            ref_a_train,
+            ref_a_eval,
+        ),
+        # Misses both; at 100 GFLOP per image even the peak gives 2 img/s, below either target.
+        _same_run(_result("cifar_b", 1.0, 1.0, 100.0, 100.0), 1.0, 1.0),
+        # Reference train step out of memory; misses eval although the bound is far above it.
+        _same_run(_result("imagenet_b", 0.5, 0.5, 1.0, 1.0), None, 0.4),
+    ]
+    table = bench._table(results, peak)
+    rows = _rows(table, "Targets")
     assert rows["cifar10/mod/rho_psi"].count("| yes |") == 2
     assert rows["cifar10/mod/linear_plus_rho"].count("no (target above the bound)") == 2
     assert f"| {2 * a_train:.1f} |" in rows["cifar10/mod/rho_psi"]
     imagenet = rows["imagenet/mod/linear_plus_rho"]
-    assert "reference out of memory" in imagenet  # no reference train figure under "reuse"
-    assert imagenet.endswith(
-        f"| {bench.EVAL_TARGET * ref['imagenet_b']['eval']:.2f} | 200.0 | no |"
-    )
+    assert "reference out of memory" in imagenet
+    assert imagenet.endswith(f"| {bench.EVAL_TARGET * 0.4:.2f} | 200.0 | no |")
     assert bench.peak_bound_ips(100.0, peak) == 2.0
+    # Speed-ups are ratios of this run's figures.
+    speed = _rows(table, "Throughput")
+    assert f"| {1.1 * a_train / ref_a_train:.1f}x |" in speed["cifar10/mod/rho_psi"]
+    assert "| out of memory | - |" in speed["imagenet/mod/linear_plus_rho"]
+
+
+def test_without_a_same_run_reference_no_ratio_or_target_is_printed():
+    results = [_result("cifar_a", 30.0, 90.0, 1.0, 1.0), _result("cifar_b", 15.0, 45.0, 1.0, 1.0)]
+    table = bench._table(results, 200.0)
+    assert "Targets (" not in table and "No speed-up target is checked" in table
+    assert bench.REFERENCE_DATE in table and "--reference CHECKOUT" in table
+    rows = _rows(table, "Throughput")
+    ref = bench.REFERENCE["reuse"]["cifar_a"]
+    assert f"| {ref['eval_ips']} / " in rows["cifar10/mod/rho_psi"]
+    assert not any("x |" in line for line in rows.values())
+    with pytest.raises(ValueError, match="every row or none"):
+        bench._table([_same_run(results[0], 1.0, 1.0), results[1]], 200.0)
+
+
+def test_reference_flags_are_checked_before_anything_is_timed(tmp_path):
+    with pytest.raises(SystemExit, match="no main_block.py"):
+        bench.check_reference(str(tmp_path), sys.executable, 8.0)
+    (tmp_path / "main_block.py").write_text("")
+    missing = str(tmp_path / "no-such-python")
+    with pytest.raises(SystemExit, match="--reference-python .*no-such-python"):
+        bench.check_reference(str(tmp_path), missing, 8.0)
 
 
 def test_block_benchmark_times_every_block_and_sums_them():

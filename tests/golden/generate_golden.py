@@ -29,10 +29,19 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 import zlib
 
 import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+from authors_code import (  # noqa: E402
+    CIFAR_FLAGS,
+    MOD_FLAGS,
+    VARIANT_FLAGS,
+    build_model,
+    import_main_block,
+    wph_flags,
+)
 
 
 def golden_weights(name: str, shape: tuple[int, ...], scale: float) -> np.ndarray:
@@ -49,33 +58,6 @@ def golden_input(name: str, shape: tuple[int, ...]) -> np.ndarray:
 def fan_in_scale(shape: tuple[int, ...]) -> float:
     fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
     return 1.0 / np.sqrt(max(fan_in, 1))
-
-
-def _stub_modules() -> None:
-    """Empty stand-ins for the data-loading and logging packages the authors' scripts import."""
-    for name in [
-        "torchvision",
-        "torchvision.transforms",
-        "torchvision.datasets",
-        "torchvision.models",
-        "torch.utils.tensorboard",
-    ]:
-        mod = types.ModuleType(name)
-        mod.SummaryWriter = object
-        sys.modules[name] = mod
-
-
-def _reference_args(main_block, flags: list[str]):
-    """The authors' parsed and completed arguments for `flags` (their own `main`)."""
-    captured = {}
-    saved_worker, saved_argv = main_block.main_worker, sys.argv
-    main_block.main_worker = lambda args: captured.setdefault("args", args)
-    sys.argv = ["main_block.py", *flags]
-    try:
-        main_block.main()
-    finally:
-        main_block.main_worker, sys.argv = saved_worker, saved_argv
-    return captured["args"]
 
 
 def _overwrite_parameters(torch, model, prefix: str, out: dict, keep_head: bool) -> None:
@@ -96,15 +78,8 @@ def _overwrite_parameters(torch, model, prefix: str, out: dict, keep_head: bool)
                 out[prefix + "params/" + name] = w
 
 
-CIFAR_FLAGS = ["--cifar10", "--factorize-filters", "0"]
-
-
-def _wph(n: int) -> list[str]:
-    return ["--n-blocks", str(n), "--scattering-wph", *["1"] * n]
-
-
 RHO_FLAGS = {
-    "mod": ["--scat-non-linearity", "mod", "--scat-non-linearity-learned", "0"],
+    "mod": MOD_FLAGS,
     "cst": [
         "--scat-non-linearity",
         "cst",
@@ -125,7 +100,6 @@ RHO_FLAGS = {
     ],
     "tanh": ["--scat-non-linearity", "tanh", "--scat-non-linearity-learned", "1"],
 }
-VARIANT_FLAGS = {"A": ["-a", "Fw Std Pc N", "--psi-arch", "mod"], "B": ["-a", "Fw rho Std Pc N"]}
 
 
 def _blocks_of(model):
@@ -146,12 +120,9 @@ def _run_blocks(torch, model, x):
 
 
 def generate(ref_dir: str) -> dict[str, np.ndarray]:
-    sys.path.insert(0, ref_dir)
-    _stub_modules()
-    import torch
+    torch, main_block = import_main_block(ref_dir)
 
     torch.set_num_threads(2)
-    import main_block  # the authors' code, from the checkout
 
     out: dict[str, np.ndarray] = {}
 
@@ -160,7 +131,7 @@ def generate(ref_dir: str) -> dict[str, np.ndarray]:
         for rho, rflags in RHO_FLAGS.items():
             flags = [
                 *CIFAR_FLAGS,
-                *_wph(1),
+                *wph_flags(1),
                 "--scat-angles",
                 "4",
                 "--Pc-size",
@@ -168,9 +139,7 @@ def generate(ref_dir: str) -> dict[str, np.ndarray]:
                 *vflags,
                 *rflags,
             ]
-            model = main_block.load_model(
-                _reference_args(main_block, flags), None, None, None, log=False
-            )
+            model = build_model(main_block, flags)
             key = f"block/{variant}/{rho}"
             _overwrite_parameters(torch, model, key + "/", out, keep_head=False)
             x = golden_input(key, (2, 3, 32, 32))
@@ -181,11 +150,11 @@ def generate(ref_dir: str) -> dict[str, np.ndarray]:
     # ImageNet: standard bank (block 0) and odd factorised bank (block 2), variant B.
     flags = [
         *"--factorize-filters 1 --scat-angles 8 --Pc-size 4 4 4".split(),
-        *_wph(3),
+        *wph_flags(3),
         *VARIANT_FLAGS["B"],
         *RHO_FLAGS["mod"],
     ]
-    model = main_block.load_model(_reference_args(main_block, flags), None, None, None, log=False)
+    model = build_model(main_block, flags)
     _overwrite_parameters(torch, model, "imagenet/", out, keep_head=False)
     x = golden_input("imagenet", (1, 3, 224, 224))
     model.train()
@@ -196,12 +165,12 @@ def generate(ref_dir: str) -> dict[str, np.ndarray]:
     # One SGD step of a 4-block CIFAR variant-B net (the authors' loss and optimizer settings).
     flags = [
         *CIFAR_FLAGS,
-        *_wph(4),
+        *wph_flags(4),
         *"--scat-angles 4 4 4 4 --Pc-size 4 6 6 8".split(),
         *VARIANT_FLAGS["B"],
         *RHO_FLAGS["mod"],
     ]
-    model = main_block.load_model(_reference_args(main_block, flags), None, None, None, log=False)
+    model = build_model(main_block, flags)
     _overwrite_parameters(torch, model, "sgd/", out, keep_head=True)
     x = golden_input("sgd", (4, 3, 32, 32))
     labels = np.array([1, 7, 3, 1])
