@@ -155,9 +155,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
     return target, {}, None
 
 
-def set_aside(
-    manager: ocp.CheckpointManager, steps: list[int], folder: str, what: str
-) -> None:
+def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, what: str) -> None:
     """Moves step folders to workdir/`folder`, so their steps can be saved again while their
     bytes stay for inspection (a step set aside twice keeps both, the later one suffixed)."""
     if jax.process_index() == 0 and steps:

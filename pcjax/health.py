@@ -69,9 +69,7 @@ class SpikeMonitor:
         for i, name in enumerate(QUANTITIES, start=1):
             values = sorted(h[i] for h in self.history)
             mid = len(values) // 2
-            out[name] = (
-                values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
-            )
+            out[name] = values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
         out["loss"] = max(out["loss"], self.loss_floor)
         return out
 
@@ -80,9 +78,7 @@ class SpikeMonitor:
         if len(self.history) < self.min_history:
             return {}
         medians = self.medians()
-        return {
-            k: float(metrics[k]) / medians[k] if medians[k] > 0 else 0.0 for k in QUANTITIES
-        }
+        return {k: float(metrics[k]) / medians[k] if medians[k] > 0 else 0.0 for k in QUANTITIES}
 
     def observe(self, step: int, metrics: dict[str, float]) -> Verdict:
         """Updates the statistics with step `step`; says whether the run diverged."""

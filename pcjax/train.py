@@ -523,9 +523,7 @@ class _Loop:
             return
         top1 = self.eval_metrics.get("top1") if self.evaluated_at == step else None
         with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
-            checkpoint.save(
-                self.run.manager, step, self.run.state, self.run.loop_state, True, top1
-            )
+            checkpoint.save(self.run.manager, step, self.run.state, self.run.loop_state, True, top1)
 
     def step_once(self, step: int, stop: bool) -> None:
         """Bookkeeping after the step that produced `step`: flush, eval, save as due."""

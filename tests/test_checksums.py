@@ -55,8 +55,11 @@ def test_every_single_bit_flip_changes_the_checksum():
     # One manifest per flipped copy: the rows of a (768, 24) array, each a separate leaf.
     leaves = {str(r): jnp.asarray(row.view(np.float32)) for r, row in enumerate(flipped)}
     got = checksums.manifest(leaves)
-    same = [r for r, e in got.items() if (e["sum"], e["weighted"]) == (clean["['x']"]["sum"],
-                                                                       clean["['x']"]["weighted"])]
+    same = [
+        r
+        for r, e in got.items()
+        if (e["sum"], e["weighted"]) == (clean["['x']"]["sum"], clean["['x']"]["weighted"])
+    ]
     assert same == []
     with pytest.raises(checksums.ChecksumError, match=r"array \['x'\] \(24,\) float32"):
         checksums.verify({"x": jnp.asarray(flipped[5].view(np.float32))}, clean)
