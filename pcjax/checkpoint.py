@@ -10,6 +10,9 @@ The newest `max_to_keep` steps are kept, and the step of the best eval top-1 bes
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
 import sys
 from typing import Any
 
@@ -61,6 +64,56 @@ def create_manager(
         ),
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+
+
+class DiskFullError(CheckpointError):
+    """A local workdir has too little free space for the next checkpoint."""
+
+
+def _free_bytes(path: Any) -> int | None:
+    """Free bytes of the file system holding `path` (its nearest existing parent); None for a
+    URL (object stores have no such limit)."""
+    if "://" in str(path):
+        return None
+    path = os.path.abspath(os.fspath(path))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return shutil.disk_usage(path).free
+
+
+def _megabytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def disk_error(error: OSError, path: Any) -> str:
+    """An OSError in one line; a full disk gets its free space named."""
+    text = f"{type(error).__name__}: {error.strerror or error}"
+    if error.errno == errno.ENOSPC:
+        free = _free_bytes(path)
+        text += f" ({_megabytes(free or 0)} free on the file system of {path})"
+    return text
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of the arrays of `state` (what a checkpoint of it holds, before compression)."""
+    return sum(
+        int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(state) if hasattr(x, "dtype")
+    )
+
+
+def check_free_space(directory: Any, state: Any, step: int | None = None) -> None:
+    """Raises DiskFullError in one line if a local `directory` cannot hold one more
+    checkpoint of `state` (with 10% and 1 MiB to spare); object stores always can."""
+    free = _free_bytes(directory)
+    needed = int(1.1 * state_bytes(state)) + 2**20
+    if free is None or free >= needed:
+        return
+    what = f"Saving step {step}" if step is not None else "A checkpoint"
+    raise DiskFullError(
+        f"{what} needs about {_megabytes(needed)} in {directory}, which has "
+        f"{_megabytes(free)} free; free at least {_megabytes(needed - free)} and rerun to "
+        "resume from the last checkpoint."
+    )
 
 
 def _top1(metrics: dict) -> float:
