@@ -344,6 +344,7 @@ def _build(config, path, mesh, manager, data) -> Run:
         out_shardings=replicated,
     )(jax.random.key(config.seed))
     state, loop_state, restored = checkpoint.restore_latest(manager, state)
+    checkpoint.check_free_space(manager.directory, state)  # a full disk fails here, not later
     start_step = int(restored or 0)
     if start_step == 0:
         _write_hparams(config, writer)
@@ -522,8 +523,17 @@ class _Loop:
                 self.deferred = spike["onset"]
             return
         top1 = self.eval_metrics.get("top1") if self.evaluated_at == step else None
-        with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
-            checkpoint.save(self.run.manager, step, self.run.state, self.run.loop_state, True, top1)
+        manager = self.run.manager
+        checkpoint.check_free_space(manager.directory, self.run.state, step)
+        try:
+            with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
+                checkpoint.save(manager, step, self.run.state, self.run.loop_state, True, top1)
+        except Exception as error:  # this save, or the previous one still being written
+            raise checkpoint.CheckpointError(
+                f"Saving step {step} (or finishing the save before it) in {manager.directory} "
+                f"failed: {checkpoint.first_line(error)}. The checkpoints before are intact; "
+                "rerun to resume from the last one."
+            ) from error
 
     def step_once(self, step: int, stop: bool) -> None:
         """Bookkeeping after the step that produced `step`: flush, eval, save as due."""
