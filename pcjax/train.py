@@ -568,6 +568,12 @@ def train_loop(run: Run) -> dict[str, float]:
                 hook(step)
             stop = stopper.poll() and step < run.num_steps
             loop.step_once(step, stop)
+    logging.info(
+        "Spike monitor: largest loss/gradient/parameter-norm ratio to its running median %.3g "
+        "(a spike opens above train.spike_factor = %g).",
+        loop.monitor.peak,
+        run.config.train.spike_factor,
+    )
     if not stop and loop.monitor.open_spike:  # the run ended inside a spike
         loop.flush(step)
         loop._diverged(loop.monitor.confirm(), loop.last_metrics)
