@@ -2,8 +2,9 @@
 
 A step is anomalous when its loss or state is not finite, or when its loss, gradient norm or
 parameter norm exceeds `factor` times the median of that quantity over the last `window`
-healthy steps. The loss median is floored at a tenth of the chance-level loss, so that batch
-noise near zero loss is not a spike. A spike that lasts `patience` consecutive steps, a
+healthy steps. The loss median is floored at a tenth of the chance-level loss and the gradient
+norm's at a hundredth of the parameter norm's, so that batch noise near zero loss (where the
+gradients vanish) is not a spike. A spike that lasts `patience` consecutive steps, a
 non-finite step, or a spike still open when the run ends is a divergence. A spike that ends
 sooner is logged and forgotten.
 
@@ -71,6 +72,7 @@ class SpikeMonitor:
             mid = len(values) // 2
             out[name] = values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
         out["loss"] = max(out["loss"], self.loss_floor)
+        out["grad_norm"] = max(out["grad_norm"], 0.01 * out["param_norm"])
         return out
 
     def ratios(self, metrics: dict[str, float]) -> dict[str, float]:

@@ -139,3 +139,17 @@ def test_a_blow_up_sets_aside_its_checkpoints_and_the_rerun_resumes_healthy(tmp_
         assert _norm(wd, step) < 2 * healthy
     result = train.train_and_evaluate(_config(good + 5, 0.05), wd)
     assert result["top1"] > 0.2  # the rerun at a sane lr trains on
+
+
+def test_vanishing_gradients_near_zero_loss_are_not_a_spike():
+    """A fitted training set: loss ~1e-3, gradient norms ~3e-6, and harder batches with 1e4
+    times larger gradients (what the quick start shows in its last epoch)."""
+    rng = np.random.default_rng(4)
+    monitor = _monitor()
+    for s in range(1, 400):
+        grad = 3e-6 * math.exp(0.3 * rng.standard_normal())
+        if s % 7 < 3:
+            grad = 0.06
+        m = {"loss": 1e-3 * (1 + rng.random()), "grad_norm": grad, "param_norm": 30.0}
+        assert not monitor.observe(s, {**m, "finite": 1.0}).diverged
+        assert not monitor.open_spike, s
