@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from pcjax import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,6 +27,7 @@ def _one_error_line(out) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_an_unknown_config_key_is_one_line_with_the_valid_keys(tmp_path):
     out = _cli("experiments/quickstart.py", f"--workdir={tmp_path}/w", "--config.optim.lrr=0.1")
     line = _one_error_line(out)
@@ -32,6 +35,7 @@ def test_an_unknown_config_key_is_one_line_with_the_valid_keys(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_a_missing_data_folder_is_named_with_the_command_that_prepares_it(tmp_path):
     out = _cli(
         "experiments/cifar10.py", f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/no"
@@ -42,6 +46,7 @@ def test_a_missing_data_folder_is_named_with_the_command_that_prepares_it(tmp_pa
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path):
     code = (
         "import sys\n"
