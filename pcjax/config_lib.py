@@ -81,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     # lasting spike_patience steps (or any non-finite step) stops the run and sets aside the
     # checkpoints written since it began.
     cfg.train.spike_window = 100
-    cfg.train.spike_factor = 5.0
+    cfg.train.spike_factor = 10.0
     cfg.train.spike_patience = 10
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
     cfg.train.events_dir = ""  # TensorBoard events (written by TensorFlow); "": the workdir

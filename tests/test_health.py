@@ -29,7 +29,7 @@ def _trace(rng, n, blow_up_at=None, rate=1.5):
 
 
 def _monitor(state=None):
-    return health.SpikeMonitor(window=100, factor=5.0, patience=10, num_classes=10, state=state)
+    return health.SpikeMonitor(window=100, factor=10.0, patience=10, num_classes=10, state=state)
 
 
 def test_noise_never_triggers_and_the_margin_is_recorded():
