@@ -176,9 +176,10 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tup
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, dict, int | None]:
     """Restores the newest step that restores into `target`'s structure, shapes and shardings.
 
-    A step that fails (truncated file, missing metadata, empty folder) is logged in one line
-    and the previous one is tried. Returns (state, loop_state, step), or (target, {}, None)
-    when the workdir has no checkpoint. Raises `CheckpointError` when none restores.
+    A step that fails (truncated file, missing metadata, empty folder, a checksum that does not
+    match) is set aside with one warning line, once an older one restores. Returns (state,
+    loop_state, step), or (target, {}, None) when the workdir has no checkpoint. Raises
+    `CheckpointError` when none restores.
     """
     _drop_closed_loop_callbacks()
     steps = sorted(manager.all_steps(), reverse=True)
@@ -186,31 +187,37 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, di
     for step in steps:
         try:
             state, loop = _restore_step(manager, step, target)
-        except Exception as error:  # any damage: log it and try the previous step
-            reason = first_line(error)
-            logging.warning(
-                "Checkpoint step %d at %s does not restore (%s); trying an older one.",
-                step,
-                manager.directory / str(step),
-                reason,
-            )
-            failures.append(f"step {step}: {reason}")
+        except Exception as error:  # any damage: try the previous step
+            failures.append((step, first_line(error)))
             continue
-        if failures:
-            logging.warning("Resuming from step %d, the newest checkpoint that restores.", step)
-            set_aside(manager, [s for s in steps if s > step], DAMAGED, "damaged")
+        for bad, reason in failures:  # one line per damaged step
+            logging.warning(
+                "Checkpoint step %d at %s does not restore (%s); it moves to %s/%d and the run "
+                "resumes from step %d.",
+                bad,
+                manager.directory / str(bad),
+                reason,
+                manager.directory.parent / DAMAGED,
+                bad,
+                step,
+            )
+        set_aside(manager, [s for s, _ in failures], DAMAGED, None)
         return state, loop, step
     if failures:
         raise CheckpointError(
-            f"No checkpoint in {manager.directory} restores ({'; '.join(failures)}). Move the "
+            f"No checkpoint in {manager.directory} restores "
+            f"({'; '.join(f'step {s}: {r}' for s, r in failures)}). Move the "
             "folder away to start afresh."
         )
     return target, {}, None
 
 
-def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, what: str) -> None:
+def set_aside(
+    manager: ocp.CheckpointManager, steps: list[int], folder: str, what: str | None
+) -> None:
     """Moves step folders to workdir/`folder`, so their steps can be saved again while their
-    bytes stay for inspection (a step set aside twice keeps both, the later one suffixed)."""
+    bytes stay for inspection (a step set aside twice keeps both, the later one suffixed); logs
+    each move unless `what` is None (the caller said it)."""
     if jax.process_index() == 0 and steps:
         aside = manager.directory.parent / folder
         aside.mkdir(parents=True, exist_ok=True)
@@ -221,7 +228,8 @@ def set_aside(manager: ocp.CheckpointManager, steps: list[int], folder: str, wha
                 while dest.exists():
                     dest, n = aside / f"{step}.{n}", n + 1
                 source.rename(dest)
-                logging.warning("Moved %s checkpoint %s to %s.", what, source, dest)
+                if what is not None:
+                    logging.warning("Moved %s checkpoint %s to %s.", what, source, dest)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
