@@ -121,15 +121,18 @@ def _top1(metrics: dict) -> float:
 
 
 def first_line(error: BaseException, limit: int = 200) -> str:
-    """The error as "Type: first line of its message", cut to `limit` characters; a message
-    that is a repr (`<bound method ...>`) gives way to the error it was raised from."""
-    while True:
-        text = str(error).strip().splitlines()
-        line = text[0] if text else ""
-        cause = error.__cause__ or error.__context__
-        if not (line.startswith("<") or not line) or cause is None:
-            break
-        error = cause
+    """The error as "Type: first line of its message", cut to `limit` characters. A message
+    that is or ends in a repr (`<bound method ...>`, as TensorStore's are) is cut there, and
+    the error it was raised from is named instead or after it."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    cause = error.__cause__ or error.__context__
+    if "<bound method" in line or not line:
+        line = line.split("<bound method")[0].rstrip(" :.")
+        line = line.removesuffix("See full TensorStore details").rstrip(" :.")
+        if cause is not None:
+            inner = first_line(cause, limit)
+            return inner if not line else f"{type(error).__name__}: {line[:limit]} ({inner})"
     return f"{type(error).__name__}: {line[:limit]}"
 
 

@@ -79,3 +79,19 @@ def test_first_line_looks_past_a_repr_message():
         assert checkpoint.first_line(error) == (
             "ValueError: DATA_LOSS: Error reading byte range [0, 456)"
         )
+
+
+def test_first_line_cuts_a_repr_at_the_end_of_a_message():
+    try:
+        try:
+            raise ValueError("DATA_LOSS: Error reading byte range [0, 456)")
+        except ValueError as cause:
+            raise Exception(
+                "Encountered error while reading array index: (slice(0, 4, 1),). See full "
+                "TensorStore details: <bound method pybind11_detail_function_record_v1_system"
+            ) from cause
+    except Exception as error:
+        assert checkpoint.first_line(error) == (
+            "Exception: Encountered error while reading array index: (slice(0, 4, 1),) "
+            "(ValueError: DATA_LOSS: Error reading byte range [0, 456))"
+        )
