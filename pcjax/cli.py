@@ -173,6 +173,9 @@ def _parser(default_config: str, app):
             print(flags.FLAGS.module_help(__name__))
             print(flags.FLAGS.module_help("ml_collections.config_flags.config_flags"))
             sys.exit(0)
-        return app.parse_flags_with_usage(argv)
+        try:  # with --config=FILE, ml_collections applies the --config.* overrides here
+            return app.parse_flags_with_usage(argv)
+        except (KeyError, AttributeError, ValueError, TypeError) as error:
+            sys.exit(f"error: ConfigError: {_bad_override(argv[1:], error)}")
 
     return parse

@@ -29,10 +29,13 @@ def _one_error_line(out) -> str:
 
 @pytest.mark.slow
 def test_an_unknown_config_key_is_one_line_with_the_valid_keys(tmp_path):
-    out = _cli("experiments/quickstart.py", f"--workdir={tmp_path}/w", "--config.optim.lrr=0.1")
-    line = _one_error_line(out)
-    assert "Unknown config key 'optim.lrr'" in line and "'learning_rate'" in line
-    assert not (tmp_path / "w").exists()
+    for config in ([], ["--config=pcjax/configs/digits.py:smoke"]):  # the default, or named
+        out = _cli(
+            "experiments/quickstart.py", *config, f"--workdir={tmp_path}/w", "--config.optim.lrr=1"
+        )
+        line = _one_error_line(out)
+        assert "Unknown config key 'optim.lrr'" in line and "'learning_rate'" in line
+        assert not (tmp_path / "w").exists()
 
 
 @pytest.mark.slow
