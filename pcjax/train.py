@@ -20,7 +20,7 @@ import logging as std_logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -29,11 +29,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
 from pcjax import checkpoint, config_lib, datasets, host_memory, metrics, sharding
 from pcjax import workdir as workdir_lib
+
+if TYPE_CHECKING:  # CLU's writers import TensorFlow: imported where used, so that the steps
+    from clu import metric_writers  # (`build_steps`) come without it
 
 Batch = dict[str, jax.Array]
 
@@ -328,25 +330,35 @@ def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any
         raise
 
 
-def _build(config, path, mesh, manager, data) -> Run:
-    """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
-    writer = _events_writer(config, path)
-    steps_per_epoch, num_steps, eval_every = _steps(
-        config, data.num_train_examples(config.data.name, config.data.data_dir)
-    )
-    model = config_lib.build_model(config)
-    image_shape = data.image_shape(config.data.name, config.data.image_size)
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The trainer's jitted programs on one mesh, as `build_steps` makes them."""
+
+    model: nn.Module
+    init: Callable  # rng key -> replicated TrainState
+    train_step: Callable  # (state, sharded batch) -> (state, metrics); donates the state
+    eval_step: Callable  # (state, sharded batch) -> metric sums
+
+
+def build_steps(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    steps_per_epoch: int,
+    image_shape: tuple[int, int, int],
+) -> Steps:
+    """The model and the jitted init, train and eval steps the trainer runs on `mesh`.
+
+    State replicated, batch split over the "data" axis, the train step donating the state.
+    The model is built for the platform of the mesh's devices (wavelet_method="auto"), so that
+    a program compiled ahead of time for other devices than the host's is the one they run.
+    """
+    model = config_lib.build_model(config, backend=mesh.devices.flat[0].platform)
     tx = create_optimizer(config, steps_per_epoch)
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.jit(
+    init = jax.jit(
         functools.partial(create_train_state, model, tx, image_shape=image_shape),
         out_shardings=replicated,
-    )(jax.random.key(config.seed))
-    state, loop_state, restored = checkpoint.restore_latest(manager, state)
-    start_step = int(restored or 0)
-    if start_step == 0:
-        _write_hparams(config, writer)
-        parameter_overview.log_parameter_overview(state.params)
+    )
     p_train_step = jax.jit(
         functools.partial(
             train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
@@ -356,6 +368,25 @@ def _build(config, path, mesh, manager, data) -> Run:
         donate_argnums=0,
     )
     p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
+    return Steps(model=model, init=init, train_step=p_train_step, eval_step=p_eval_step)
+
+
+def _build(config, path, mesh, manager, data) -> Run:
+    """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
+    from clu import parameter_overview, periodic_actions
+
+    writer = _events_writer(config, path)
+    steps_per_epoch, num_steps, eval_every = _steps(
+        config, data.num_train_examples(config.data.name, config.data.data_dir)
+    )
+    image_shape = data.image_shape(config.data.name, config.data.image_size)
+    steps = build_steps(config, mesh, steps_per_epoch, image_shape)
+    state = steps.init(jax.random.key(config.seed))
+    state, loop_state, restored = checkpoint.restore_latest(manager, state)
+    start_step = int(restored or 0)
+    if start_step == 0:
+        _write_hparams(config, writer)
+        parameter_overview.log_parameter_overview(state.params)
     train_batches, eval_batches = input_pipelines(config, start_step, mesh)
     hooks = [
         periodic_actions.ReportProgress(
@@ -383,8 +414,8 @@ def _build(config, path, mesh, manager, data) -> Run:
         start_step=start_step,
         num_steps=num_steps,
         eval_every=eval_every,
-        train_step=p_train_step,
-        eval_step=p_eval_step,
+        train_step=steps.train_step,
+        eval_step=steps.eval_step,
         train_batches=train_batches,
         eval_batches=eval_batches,
         manager=manager,
@@ -405,6 +436,8 @@ def _events_writer(config: ml_collections.ConfigDict, path: Any) -> metric_write
     where TensorFlow cannot write (its gs:// client ignores STORAGE_EMULATOR_HOST) this fails
     before anything compiles, in one line.
     """
+    from clu import metric_writers
+
     events = _events_dir(config, path)
     try:
         return metric_writers.create_default_writer(events, just_logging=jax.process_index() > 0)
