@@ -13,6 +13,7 @@ and the measured time is reported beside the estimate. Needs no dataset and no w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 import time
@@ -210,11 +211,15 @@ def _costs(lowered, compiled, num_devices: int) -> tuple[float, float, float | N
     return logical["flops"] / num_devices, optimised["bytes accessed"], None, source
 
 
-def compile_step(config, setup: Setup, which: str, per_device_batch: int | None = None):
+def compile_step(
+    config, setup: Setup, which: str, per_device_batch: int | None = None, cache: Any = None
+):
     """Compiles the train or eval step of `config` on `setup`; (StepReport, compiled, steps).
 
-    Raises DoesNotFit when the compiler refuses the program, or, where
-    the compiler does not check (GPU), when the total exceeds the datasheet's HBM.
+    Raises DoesNotFit when the compiler refuses the program, or, where the compiler does not
+    check (GPU), when the total exceeds the datasheet's HBM. With `cache` (`get(key)`,
+    `put(key, StepReport | DoesNotFit)`, the key a hash of the lowered program), a program
+    compiled before is not compiled again (then `compiled` is None).
     """
     mesh = setup.mesh
     d = config.data
@@ -226,13 +231,21 @@ def compile_step(config, setup: Setup, which: str, per_device_batch: int | None 
     state = state_struct(steps, mesh)
     fn = steps.train_step if which == "train" else steps.eval_step
     tick = time.perf_counter()
+    lowered = fn.lower(state, batch_structs(config, mesh, batch, which == "eval"))
+    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:20] if cache else None
+    known = cache.get(key) if cache else None
+    if isinstance(known, DoesNotFit):
+        raise known
+    if known is not None:
+        return known, None, steps
     try:
-        lowered = fn.lower(state, batch_structs(config, mesh, batch, which == "eval"))
         compiled = lowered.compile()
     except Exception as error:  # XlaRuntimeError; its type moves between jaxlib releases
         if not _is_oom(error):
             raise
         required, available = _oom_sizes(str(error))
+        if cache:
+            cache.put(key, DoesNotFit(required, available, batch))
         raise DoesNotFit(required, available, batch) from None
     seconds = time.perf_counter() - tick
     mem = compiled.memory_analysis()
@@ -255,7 +268,11 @@ def compile_step(config, setup: Setup, which: str, per_device_batch: int | None 
     )
     chip = setup.chip
     if chip is not None and chip.platform == "gpu" and report.total_bytes > chip.hbm_bytes:
+        if cache:
+            cache.put(key, DoesNotFit(report.total_bytes, chip.hbm_bytes, batch))
         raise DoesNotFit(report.total_bytes, chip.hbm_bytes, batch)
+    if cache:
+        cache.put(key, report)
     return report, compiled, steps
 
 
@@ -312,14 +329,16 @@ def largest_fitting_batch(
     return lo
 
 
-def fits_function(config, setup: Setup, which: str) -> Callable[[int], tuple[bool, float | None]]:
+def fits_function(
+    config, setup: Setup, which: str, cache: Any = None
+) -> Callable[[int], tuple[bool, float | None]]:
     """`fits(per_device_batch)` for `largest_fitting_batch`: compiles the step and returns
     (fits, bytes) in the measure the compiler checks (TPU: temporaries; else: the total)."""
     tpu = setup.mesh.devices.flat[0].platform == "tpu"
 
     def fits(b: int) -> tuple[bool, float | None]:
         try:
-            report, _, _ = compile_step(config, setup, which, per_device_batch=b)
+            report, _, _ = compile_step(config, setup, which, b, cache)
             return True, report.temp_bytes if tpu else report.total_bytes
         except DoesNotFit as oom:
             return False, oom.args[0]

@@ -152,6 +152,7 @@ def test_largest_fitting_batch_agrees_with_a_linear_scan():
             assert len(calls) <= 3 * int(np.log2(expected)) + 4
 
 
+@pytest.mark.slow  # the compiles that fit near the 16 GiB boundary take minutes
 def test_out_of_memory_is_one_line_with_a_batch_that_fits():
     _tpu_devices("v5e-1")
     config = _tiny_digits()
