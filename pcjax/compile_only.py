@@ -91,16 +91,16 @@ class Setup:
 def setup_target(name: str) -> Setup:
     """The devices `name` compiles for: the local ones where they are the target's, else
     compile-only devices of every host (ValueError lists the valid names)."""
+    target = None if name == LOCAL else targets.get_target(name)  # a bad name: before jax starts
     local = jax.devices()
     kind = local[0].device_kind
-    if name == LOCAL:
-        known = [t for t in targets.all_targets().values() if t.chip.device_kind == kind]
+    if target is None:
+        known = [t for t in targets.all_targets().values() if _same_kind(kind, t.chip)]
         target = next((t for t in known if t.num_devices == len(local)), None)
         label = f"local: {len(local)} x {kind}"
         return Setup(target, sharding.make_mesh(local), 1, True, label)
-    target = targets.get_target(name)
     if (
-        kind == target.chip.device_kind
+        _same_kind(kind, target.chip)
         and len(local) == target.num_devices
         and jax.process_count() == 1
     ):
@@ -112,6 +112,13 @@ def setup_target(name: str) -> Setup:
         f"topology {target.topology} (compile-only)"
     )
     return Setup(target, sharding.make_mesh(devices), target.hosts, False, label)
+
+
+def _same_kind(kind: str, chip: targets.Chip) -> bool:
+    """Whether a device of `kind` is `chip` (GPUs: any "NVIDIA H100 ..." is an h100)."""
+    if chip.platform == "gpu":
+        return f" {chip.generation.upper()}" in f" {kind}"
+    return kind == chip.device_kind
 
 
 def batch_structs(config, mesh, global_batch: int, eval_batch: bool) -> dict:
