@@ -22,7 +22,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	fi
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

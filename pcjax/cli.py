@@ -3,7 +3,9 @@
 Each main is `cli.main(default_config)`; anything a notebook needs is `pcjax.train.run` or
 `pcjax.train.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line;
 an unexpected error's traceback goes to a file it names), `train.PREEMPTED_EXIT_CODE` (143)
-stopped by SIGTERM after saving.
+stopped by SIGTERM after saving. With `--compile_for=TARGET` the mains train nothing: they
+compile the steps for that accelerator (`pcjax.compile_only`) and print the report, or exit 1
+with the one-line answer when the step does not fit.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I 
   process (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed
   to detect them from SLURM, Open MPI, Kubernetes or Cloud TPU.
 Exit status: 0 finished, 1 error, 143 stopped by SIGTERM after saving (rerun to resume).
+Before paying for a slice: --compile_for=v5e-8 (or v5e-256, v4-32, v5p-128, v6e-8, h100-8,
+  local, ...) compiles the train and eval steps for it on this machine and prints per-chip
+  memory, FLOPs, traffic and estimated img/s; no dataset or workdir needed.
 """
 
 
@@ -63,7 +68,8 @@ def _env_int(name: str) -> int | None:
 
 def main(default_config: str) -> None:
     """Defines the flags, hides accelerators from TF, trains, prints the final eval."""
-    hide_accelerators_from_tensorflow()
+    if not any(a.startswith("--compile_for") for a in sys.argv[1:]):
+        hide_accelerators_from_tensorflow()  # compile-only checks never start TensorFlow
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -94,6 +100,12 @@ def main(default_config: str) -> None:
     process_id = flags.DEFINE_integer(
         "process_id", _env_int("JAX_PROCESS_ID"), "This process's index, 0..num_processes-1."
     )
+    compile_for = flags.DEFINE_string(
+        "compile_for",
+        None,
+        "Train nothing: compile the steps for this accelerator (v5e-8, v4-32, v5p-128, h100-8, "
+        "local, ...) and print memory, FLOPs and estimated speed.",
+    )
     expected = (
         config_lib.ConfigError,
         checkpoint.CheckpointError,
@@ -104,6 +116,9 @@ def main(default_config: str) -> None:
     def run(argv: list[str]) -> None:
         if len(argv) > 1:
             raise app.UsageError(f"Unexpected arguments {argv[1:]}.")
+        if compile_for.value:
+            _compile_for(config.value, compile_for.value)
+            return
         if not workdir_flag.value:
             raise app.UsageError("--workdir is required.")
         logging.set_verbosity(logging.INFO)
@@ -160,6 +175,19 @@ def _log_traceback() -> str:
         traceback.print_exc()
         return "the traceback above"
     return path
+
+
+def _compile_for(config, target: str) -> None:
+    """The --compile_for path: the report on stdout, or one line and exit status 1."""
+    from pcjax import compile_only, config_lib, targets
+
+    try:
+        print(compile_only.check(config, target))
+    except (ValueError, targets.MissingCompiler, compile_only.OutOfMemory) as error:
+        kind = "" if isinstance(error, compile_only.OutOfMemory) else "error: "
+        if isinstance(error, config_lib.ConfigError):
+            kind = "error: ConfigError: "
+        sys.exit(f"{kind}{error}")
 
 
 def _parser(default_config: str, app):

@@ -368,7 +368,14 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def build_model(config: ml_collections.ConfigDict) -> Any:
-    """The network of `config.model` for `config.data`'s classes (validate the config first)."""
+def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -> Any:
+    """The network of `config.model` for `config.data`'s classes (validate the config first).
+
+    `backend`: the platform of the devices it will run on, which wavelet_method="auto"
+    resolves for (None: the host's default backend).
+    """
     cls = models.ARCHS[config.model.arch]
-    return cls(num_classes=datasets.DATASETS[config.data.name].num_classes, **model_kwargs(config))
+    kwargs = model_kwargs(config)
+    if backend is not None and config.model.arch == "phase_collapse":
+        kwargs["backend"] = backend
+    return cls(num_classes=datasets.DATASETS[config.data.name].num_classes, **kwargs)

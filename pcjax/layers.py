@@ -193,6 +193,7 @@ class PhaseCollapseBlock(nn.Module):
     wavelet_method: str = "auto"
     precision: str = "highest"
     full_angles: bool = False  # orientations over 2 pi (REFERENCE.md 1.3)
+    backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
 
     def _rho(self, z: jax.Array) -> jax.Array:
         names = nonlinear.COMPLEX_NONLINEARITIES[self.nonlinearity]
@@ -222,6 +223,7 @@ class PhaseCollapseBlock(nn.Module):
             self.wavelet_method,
             precision=self.precision,
             full_angles=self.full_angles,
+            backend=self.backend,
         )
         if self.block_type == "rho_psi":
             parts = [phi, self._rho(psi)]

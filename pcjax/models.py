@@ -41,6 +41,7 @@ class PhaseCollapseNet(nn.Module):
     learn_nonlinearity: bool = True
     wavelet_method: str = "auto"
     precision: str = "highest"  # matmul policy, one of layers.PRECISIONS
+    backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
 
     def block_kwargs(self) -> list[dict[str, Any]]:
         """Constructor arguments of each `PhaseCollapseBlock`, in order (also for benchmarks)."""
@@ -57,6 +58,7 @@ class PhaseCollapseNet(nn.Module):
                 learn_nonlinearity=self.learn_nonlinearity,
                 wavelet_method=self.wavelet_method,
                 precision=self.precision,
+                backend=self.backend,
             )
             for width, mode in zip(self.widths, modes, strict=True)
         ]

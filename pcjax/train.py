@@ -34,8 +34,8 @@ from flax import struct
 from pcjax import checkpoint, config_lib, datasets, health, host_memory, metrics, sharding
 from pcjax import workdir as workdir_lib
 
-if TYPE_CHECKING:  # CLU's writers import TensorFlow; the step functions must not need it
-    from clu import metric_writers
+if TYPE_CHECKING:  # CLU's writers import TensorFlow: imported where used, so that the steps
+    from clu import metric_writers  # (`build_steps`) come without it
 
 Batch = dict[str, jax.Array]
 
@@ -331,28 +331,35 @@ def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any
         raise
 
 
-def _build(config, path, mesh, manager, data) -> Run:
-    """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
-    from clu import parameter_overview, periodic_actions
+@dataclasses.dataclass(frozen=True)
+class Steps:
+    """The trainer's jitted programs on one mesh, as `build_steps` makes them."""
 
-    writer = _events_writer(config, path)
-    steps_per_epoch, num_steps, eval_every = _steps(
-        config, data.num_train_examples(config.data.name, config.data.data_dir)
-    )
-    model = config_lib.build_model(config)
-    image_shape = data.image_shape(config.data.name, config.data.image_size)
+    model: nn.Module
+    init: Callable  # rng key -> replicated TrainState
+    train_step: Callable  # (state, sharded batch) -> (state, metrics); donates the state
+    eval_step: Callable  # (state, sharded batch) -> metric sums
+
+
+def build_steps(
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    steps_per_epoch: int,
+    image_shape: tuple[int, int, int],
+) -> Steps:
+    """The model and the jitted init, train and eval steps the trainer runs on `mesh`.
+
+    State replicated, batch split over the "data" axis, the train step donating the state.
+    The model is built for the platform of the mesh's devices (wavelet_method="auto"), so that
+    a program compiled ahead of time for other devices than the host's is the one they run.
+    """
+    model = config_lib.build_model(config, backend=mesh.devices.flat[0].platform)
     tx = create_optimizer(config, steps_per_epoch)
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    state = jax.jit(
+    init = jax.jit(
         functools.partial(create_train_state, model, tx, image_shape=image_shape),
         out_shardings=replicated,
-    )(jax.random.key(config.seed))
-    state, loop_state, restored = checkpoint.restore_latest(manager, state)
-    checkpoint.check_free_space(manager.directory, state)  # a full disk fails here, not later
-    start_step = int(restored or 0)
-    if start_step == 0:
-        _write_hparams(config, writer)
-        parameter_overview.log_parameter_overview(state.params)
+    )
     p_train_step = jax.jit(
         functools.partial(
             train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
@@ -362,6 +369,26 @@ def _build(config, path, mesh, manager, data) -> Run:
         donate_argnums=0,
     )
     p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
+    return Steps(model=model, init=init, train_step=p_train_step, eval_step=p_eval_step)
+
+
+def _build(config, path, mesh, manager, data) -> Run:
+    """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
+    from clu import parameter_overview, periodic_actions
+
+    writer = _events_writer(config, path)
+    steps_per_epoch, num_steps, eval_every = _steps(
+        config, data.num_train_examples(config.data.name, config.data.data_dir)
+    )
+    image_shape = data.image_shape(config.data.name, config.data.image_size)
+    steps = build_steps(config, mesh, steps_per_epoch, image_shape)
+    state = steps.init(jax.random.key(config.seed))
+    state, loop_state, restored = checkpoint.restore_latest(manager, state)
+    checkpoint.check_free_space(manager.directory, state)  # a full disk fails here, not later
+    start_step = int(restored or 0)
+    if start_step == 0:
+        _write_hparams(config, writer)
+        parameter_overview.log_parameter_overview(state.params)
     train_batches, eval_batches = input_pipelines(config, start_step, mesh)
     hooks = [
         periodic_actions.ReportProgress(
@@ -389,8 +416,8 @@ def _build(config, path, mesh, manager, data) -> Run:
         start_step=start_step,
         num_steps=num_steps,
         eval_every=eval_every,
-        train_step=p_train_step,
-        eval_step=p_eval_step,
+        train_step=steps.train_step,
+        eval_step=steps.eval_step,
         train_batches=train_batches,
         eval_batches=eval_batches,
         manager=manager,

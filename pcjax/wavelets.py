@@ -277,6 +277,7 @@ def wavelet_coefficients(
     guard_gradients: bool = True,
     precision: str = "highest",
     full_angles: bool = False,
+    backend: str | None = None,
 ) -> jax.Array:
     """All K + 1 coefficients of one block in one angle-major array.
 
@@ -289,6 +290,8 @@ def wavelet_coefficients(
         guard_gradients: zero NaN/Inf cotangents flowing into `x` (as the reference does).
         precision: matmul policy of the spatial and matmul paths (`complex_ops.PRECISIONS`).
         full_angles: orientations over 2 pi instead of pi (`pcjax.filters.angles`).
+        backend: the platform "auto" resolves for (None: `jax.default_backend()`); a program
+            compiled for other devices than the host's passes theirs.
 
     Returns:
         complex64[batch, h', w', K + 1, c]: index 0 of axis -2 is the low-pass phi * U, index
@@ -301,7 +304,7 @@ def wavelet_coefficients(
     if guard_gradients:
         x = zero_nonfinite_grad(x)
     complex_ops.check_precision(precision)
-    resolved = choose_method(h, w, method)
+    resolved = choose_method(h, w, method, backend)
     if resolved == "spatial":
         return _spatial_transform(x, bank, num_angles, mode, precision, full_angles)
     if resolved == "matmul":
@@ -317,6 +320,7 @@ def wavelet_transform(
     guard_gradients: bool = True,
     precision: str = "highest",
     full_angles: bool = False,
+    backend: str | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Low-pass and wavelet coefficients of one block, in the reference's channel order.
 
@@ -326,5 +330,7 @@ def wavelet_transform(
         phi: [batch, h', w', c], real if `x` is real, else complex64.
         psi: complex64[batch, h', w', c * L], channel index c * L + angle.
     """
-    y = wavelet_coefficients(x, num_angles, mode, method, guard_gradients, precision, full_angles)
+    y = wavelet_coefficients(
+        x, num_angles, mode, method, guard_gradients, precision, full_angles, backend
+    )
     return _split_outputs(y, real_input=not jnp.iscomplexobj(x))

@@ -1,0 +1,455 @@
+"""The trainer's train and eval steps compiled for an accelerator this machine may not have.
+
+`check(config, target_name)` builds the steps with `pcjax.train.build_steps` (the trainer's own
+code) over compile-only devices of a TPU slice or GPUs (`pcjax.targets`), feeds them
+`ShapeDtypeStruct`s (the replicated state, the batch split over "data", uint8 images as the
+input pipeline sends them), compiles, and reports per-device memory, FLOPs, HBM traffic, a
+time estimate and the bytes all-reduced per step. A step that does not fit raises
+`OutOfMemory` naming the largest per-device batch that does (found by compiling). Where the
+local devices are the target's (or the target is "local"), the step also runs on random data
+and the measured time is reported beside the estimate. Needs no dataset and no workdir.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from pcjax import config_lib, datasets, sharding, targets, train
+
+LOCAL = "local"  # the devices this process sees: compile, then run the step too
+_SIZE = re.compile(r"([\d.]+)\s*([KMGT]i?B?|B)?\b")
+_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+class OutOfMemory(Exception):
+    """A step does not fit the device's memory; the message is the one-line answer."""
+
+
+class DoesNotFit(Exception):
+    """One compile did not fit: args (bytes required or None, bytes available or None,
+    global batch)."""
+
+
+@dataclasses.dataclass
+class StepReport:
+    """What compiling one step for one device says (sizes in bytes, per device, per step)."""
+
+    name: str  # "train" | "eval"
+    global_batch: int
+    per_device_batch: int
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    code_bytes: int
+    flops: float
+    bytes_accessed: float
+    cost_source: str
+    compiler_seconds: float | None  # the compiler's own estimate, when positive
+    allreduce_bytes: int
+    compile_seconds: float
+    measured_seconds: float | None = None
+
+    @property
+    def total_bytes(self) -> int:
+        """Peak HBM: arguments + outputs - donated (aliased) + temporaries + code."""
+        return (
+            self.argument_bytes
+            + self.output_bytes
+            - self.alias_bytes
+            + self.temp_bytes
+            + self.code_bytes
+        )
+
+
+@dataclasses.dataclass
+class Setup:
+    """A target's devices and mesh, and whether they are real (then the step can run)."""
+
+    target: targets.Target | None  # None: local devices of no known datasheet
+    mesh: jax.sharding.Mesh
+    hosts: int
+    real: bool
+    label: str
+
+    @property
+    def chip(self) -> targets.Chip | None:
+        return self.target.chip if self.target else None
+
+
+def setup_target(name: str) -> Setup:
+    """The devices `name` compiles for: the local ones where they are the target's, else
+    compile-only devices of every host (ValueError lists the valid names)."""
+    target = None if name == LOCAL else targets.get_target(name)  # a bad name: before jax starts
+    local = jax.devices()
+    kind = local[0].device_kind
+    if target is None:
+        known = [t for t in targets.all_targets().values() if _same_kind(kind, t.chip)]
+        target = next((t for t in known if t.num_devices == len(local)), None)
+        label = f"local: {len(local)} x {kind}"
+        return Setup(target, sharding.make_mesh(local), 1, True, label)
+    if (
+        _same_kind(kind, target.chip)
+        and len(local) == target.num_devices
+        and jax.process_count() == 1
+    ):
+        label = f"{target.name}: {len(local)} x {kind} (local devices: compiled and run)"
+        return Setup(target, sharding.make_mesh(local), 1, True, label)
+    devices = targets.devices(target)
+    label = (
+        f"{target.name}: {target.chips} x {target.chip.device_kind}, {target.hosts} host(s), "
+        f"topology {target.topology} (compile-only)"
+    )
+    return Setup(target, sharding.make_mesh(devices), target.hosts, False, label)
+
+
+def _same_kind(kind: str, chip: targets.Chip) -> bool:
+    """Whether a device of `kind` is `chip` (GPUs: any "NVIDIA H100 ..." is an h100)."""
+    if chip.platform == "gpu":
+        return f" {chip.generation.upper()}" in f" {kind}"
+    return kind == chip.device_kind
+
+
+def batch_structs(config, mesh, global_batch: int, eval_batch: bool) -> dict:
+    """ShapeDtypeStructs of the global batch the input pipeline feeds: images uint8 for the
+    TFDS datasets (float32 for the digits sets), int32 labels, a float32 mask for eval."""
+    spec = datasets.spec(config.data.name)
+    shape = datasets.image_shape(config.data.name, config.data.image_size)
+    dtype = jnp.uint8 if spec.tfds else jnp.float32
+    batched = sharding.batch_sharded(mesh)
+    out = {
+        "image": jax.ShapeDtypeStruct((global_batch, *shape), dtype, sharding=batched),
+        "label": jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=batched),
+    }
+    if eval_batch:
+        out["mask"] = jax.ShapeDtypeStruct((global_batch,), jnp.float32, sharding=batched)
+    return out
+
+
+def _steps(config, mesh) -> train.Steps:
+    spec = datasets.spec(config.data.name)
+    steps_per_epoch = max(1, spec.num_train_examples // config.data.global_batch_size)
+    shape = datasets.image_shape(config.data.name, config.data.image_size)
+    return train.build_steps(config, mesh, steps_per_epoch, shape)
+
+
+def state_struct(steps: train.Steps, mesh) -> Any:
+    """The train state's shapes, replicated over `mesh` (nothing is allocated)."""
+    shapes = jax.eval_shape(steps.init, jax.random.key(0))
+    replicated = sharding.replicated(mesh)
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), shapes
+    )
+
+
+def _size_bytes(text: str) -> float | None:
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        return None
+    unit = (match.group(2) or "").replace("i", "").replace("B", "")
+    return float(match.group(1)) * _UNITS[unit or ""]
+
+
+def _oom_sizes(message: str) -> tuple[float | None, float | None]:
+    """(required, available) bytes from a compiler's out-of-memory message, where it says."""
+    sizes = re.findall(r"\(([\d.]+\s*[KMGT]i?B?)\)", message)
+    if len(sizes) >= 2:
+        return _size_bytes(sizes[0]), _size_bytes(sizes[1])
+    return None, None
+
+
+def _is_oom(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_EXHAUSTED" in text or "exceeds available" in text or "out of memory" in text
+
+
+def _allreduce_bytes(hlo_text: str) -> int:
+    """Bytes all-reduced per step: the result shapes of the program's all-reduce ops."""
+    total = 0
+    pattern = re.compile(r"=\s*(\(.*?\)|\S+)\s+all-reduce(?:-start)?\(")
+    for match in pattern.finditer(hlo_text):
+        for dtype, dims in re.findall(r"([a-z]+\d*)\[([\d,]*)\]", match.group(1)):
+            count = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+            total += count * _dtype_bytes(dtype)
+    return total
+
+
+def _dtype_bytes(name: str) -> int:
+    if name == "pred":
+        return 1
+    bits = re.search(r"(\d+)$", name)
+    return max(1, int(bits.group(1)) // 8) if bits else 4
+
+
+def _costs(lowered, compiled, num_devices: int) -> tuple[float, float, float | None, str]:
+    """(FLOPs, bytes accessed, compiler's positive time estimate or None, source) per device.
+
+    XLA's TPU and CPU compilers report their own cost analysis. The CUDA compiler's
+    compile-only executable reports none; then XLA's HLO cost analysis (run by the CPU
+    client) counts FLOPs on the lowered program (split evenly over the devices) and bytes on
+    the GPU-optimised per-device program.
+    """
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    if cost:
+        seconds = cost.get("optimal_seconds")
+        seconds = seconds if seconds is not None and seconds > 0 else None
+        return float(cost["flops"]), float(cost["bytes accessed"]), seconds, "compiler"
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+
+    cpu = xla_bridge.get_backend("cpu")
+    logical = _jax.hlo_module_cost_analysis(cpu, lowered._lowering.hlo().as_hlo_module())
+    module = compiled.runtime_executable().hlo_modules()[0]
+    optimised = _jax.hlo_module_cost_analysis(cpu, module)
+    source = "HLO cost analysis (FLOPs: lowered program / devices; bytes: optimised program)"
+    return logical["flops"] / num_devices, optimised["bytes accessed"], None, source
+
+
+def compile_step(
+    config, setup: Setup, which: str, per_device_batch: int | None = None, cache: Any = None
+):
+    """Compiles the train or eval step of `config` on `setup`; (StepReport, compiled, steps).
+
+    Raises DoesNotFit when the compiler refuses the program, or, where the compiler does not
+    check (GPU), when the total exceeds the datasheet's HBM. With `cache` (`get(key)`,
+    `put(key, StepReport | DoesNotFit)`, the key a hash of the lowered program), a program
+    compiled before is not compiled again (then `compiled` is None).
+    """
+    mesh = setup.mesh
+    d = config.data
+    batch = d.global_batch_size if which == "train" else d.eval_global_batch_size
+    batch = batch or d.global_batch_size
+    if per_device_batch is not None:
+        batch = per_device_batch * mesh.size
+    steps = _steps(config, mesh)
+    state = state_struct(steps, mesh)
+    fn = steps.train_step if which == "train" else steps.eval_step
+    tick = time.perf_counter()
+    lowered = fn.lower(state, batch_structs(config, mesh, batch, which == "eval"))
+    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:20] if cache else None
+    known = cache.get(key) if cache else None
+    if isinstance(known, DoesNotFit):
+        raise known
+    if known is not None:
+        return known, None, steps
+    try:
+        compiled = lowered.compile()
+    except Exception as error:  # XlaRuntimeError; its type moves between jaxlib releases
+        if not _is_oom(error):
+            raise
+        required, available = _oom_sizes(str(error))
+        if cache:
+            cache.put(key, DoesNotFit(required, available, batch))
+        raise DoesNotFit(required, available, batch) from None
+    seconds = time.perf_counter() - tick
+    mem = compiled.memory_analysis()
+    flops, accessed, estimate, source = _costs(lowered, compiled, mesh.size)
+    report = StepReport(
+        name=which,
+        global_batch=batch,
+        per_device_batch=batch // mesh.size,
+        argument_bytes=mem.argument_size_in_bytes,
+        output_bytes=mem.output_size_in_bytes,
+        alias_bytes=mem.alias_size_in_bytes,
+        temp_bytes=mem.temp_size_in_bytes,
+        code_bytes=mem.generated_code_size_in_bytes,
+        flops=flops,
+        bytes_accessed=accessed,
+        cost_source=source,
+        compiler_seconds=estimate,
+        allreduce_bytes=_allreduce_bytes(compiled.as_text()),
+        compile_seconds=seconds,
+    )
+    chip = setup.chip
+    if chip is not None and chip.platform == "gpu" and report.total_bytes > chip.hbm_bytes:
+        if cache:
+            cache.put(key, DoesNotFit(report.total_bytes, chip.hbm_bytes, batch))
+        raise DoesNotFit(report.total_bytes, chip.hbm_bytes, batch)
+    if cache:
+        cache.put(key, report)
+    return report, compiled, steps
+
+
+def _aim(p: tuple, q: tuple, capacity: float | None) -> int | None:
+    """The batch where the line through (batch, bytes) points p and q reaches `capacity`."""
+    (b0, m0), (b1, m1) = p, q
+    if capacity is None or m0 is None or m1 is None or b1 == b0 or (m1 - m0) / (b1 - b0) <= 0:
+        return None
+    return b0 + int((capacity - m0) * (b1 - b0) / (m1 - m0))
+
+
+def largest_fitting_batch(
+    fits: Callable[[int], tuple[bool, float | None]],
+    capacity: float | None,
+    lo: int = 0,
+    lo_bytes: float | None = None,
+    hi: int | None = None,
+    hi_bytes: float | None = None,
+) -> int:
+    """The largest per-device batch b with `fits(b)` (0 if 1 does not fit), knowing that `lo`
+    fits (0: nothing known) and `hi` does not (None: nothing known).
+
+    `fits(b)` compiles at b: (fits, bytes it needs or None). Memory grows about linearly with
+    the batch, so a try aims where the line through the two nearest known points reaches
+    `capacity` (doubling while only one point is known), and a fitting aim is confirmed by
+    trying one more; two aims in a row that do not halve the bracket are followed by a
+    bisection. Ends with b fitting and b + 1 not, both compiled.
+    """
+    if lo < 1:
+        ok, lo_bytes = fits(1)
+        if not ok:
+            return 0
+        lo = 1
+    below, step, slow = None, "aim", 0
+    while hi is None or hi - lo > 1:
+        if step == "confirm":
+            guess = lo + 1
+        elif hi is None:
+            guess = (_aim(below, (lo, lo_bytes), capacity) if below else None) or 2 * lo
+        elif step == "bisect":
+            guess = (lo + hi) // 2
+        else:
+            guess = _aim((lo, lo_bytes), (hi, hi_bytes), capacity) or (lo + hi) // 2
+        guess = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
+        width = None if hi is None else hi - lo
+        ok, used = fits(guess)
+        if ok:
+            below, lo, lo_bytes = (lo, lo_bytes), guess, used
+        else:
+            hi, hi_bytes = guess, used
+        slow = slow + 1 if width is not None and (hi - lo) * 2 > width else 0
+        step = "confirm" if ok and step == "aim" else "bisect" if slow >= 2 else "aim"
+        slow = 0 if step == "bisect" else slow
+    return lo
+
+
+def fits_function(
+    config, setup: Setup, which: str, cache: Any = None
+) -> Callable[[int], tuple[bool, float | None]]:
+    """`fits(per_device_batch)` for `largest_fitting_batch`: compiles the step and returns
+    (fits, bytes) in the measure the compiler checks (TPU: temporaries; else: the total)."""
+    tpu = setup.mesh.devices.flat[0].platform == "tpu"
+
+    def fits(b: int) -> tuple[bool, float | None]:
+        try:
+            report, _, _ = compile_step(config, setup, which, b, cache)
+            return True, report.temp_bytes if tpu else report.total_bytes
+        except DoesNotFit as oom:
+            return False, oom.args[0]
+
+    return fits
+
+
+def _oom_answer(config, setup: Setup, which: str, error: DoesNotFit) -> str:
+    """The one line for a step that does not fit: sizes, and the largest batch that does."""
+    required, available, batch = error.args
+    chip = setup.chip
+    capacity = available or (chip.hbm_bytes if chip else None)
+
+    per_device = batch // setup.mesh.size
+    fits = fits_function(config, setup, which)
+    best = largest_fitting_batch(fits, capacity, hi=per_device, hi_bytes=required)
+    kind = chip.device_kind if chip else setup.mesh.devices.flat[0].device_kind
+    need = f"needs {_gib(required)} of HBM per device" if required else "does not fit"
+    have = f", {_gib(capacity)} available" if capacity else ""
+    where = setup.target.name if setup.target else "the local devices"
+    if best == 0:
+        answer = "not even a batch of 1 per device fits"
+    else:
+        answer = (
+            f"the largest per-device batch that fits is {best} "
+            f"(--config.data.{'global' if which == 'train' else 'eval_global'}_batch_size="
+            f"{best * setup.mesh.size})"
+        )
+    return (
+        f"out of memory on {where} ({kind}): the {which} step at {per_device} per device "
+        f"(global {batch}) {need}{have}; {answer}."
+    )
+
+
+def _gib(n: float | None) -> str:
+    """Bytes in GiB, or MiB below one GiB."""
+    if n is None:
+        return "?"
+    return f"{n / 2**30:.2f} GiB" if abs(n) >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def measure(config, setup: Setup, compiled, steps: train.Steps, repeats: int = 5) -> float:
+    """Seconds per train step of `compiled` on the real devices of `setup`, on random data
+    (after one warm-up step); the state is the trainer's initial state (`steps.init`)."""
+    state = steps.init(jax.random.key(config.seed))
+    structs = batch_structs(config, setup.mesh, config.data.global_batch_size, False)
+    rng = np.random.default_rng(0)
+    classes = datasets.num_classes(config.data.name)
+    host = {
+        "image": (
+            rng.integers(0, 256, structs["image"].shape, np.uint8)
+            if structs["image"].dtype == jnp.uint8
+            else rng.standard_normal(structs["image"].shape, np.float32)
+        ),
+        "label": rng.integers(0, classes, structs["label"].shape, np.int32),
+    }
+    batch = {k: jax.device_put(v, structs[k].sharding) for k, v in host.items()}
+    state, out = compiled(state, batch)
+    jax.block_until_ready(out)
+    tick = time.perf_counter()
+    for _ in range(repeats):
+        state, out = compiled(state, batch)
+    jax.block_until_ready((state, out))
+    return (time.perf_counter() - tick) / repeats
+
+
+@dataclasses.dataclass
+class Result:
+    """Both steps of one config compiled for one target."""
+
+    config: ml_collections.ConfigDict
+    setup: Setup
+    reports: dict[str, StepReport]  # "train", "eval"
+    param_bytes: int
+
+    def table(self) -> str:
+        from pcjax import compile_report
+
+        return compile_report.format_report(self)
+
+
+def run(config: ml_collections.ConfigDict, name: str, repeats: int = 5) -> Result:
+    """Compiles the train and eval steps of `config` for target `name`; where the devices are
+    real, also runs the train step `repeats` times.
+
+    Raises ValueError for an unknown name, `config_lib.ConfigError` for a config the target
+    cannot run, `targets.MissingCompiler`, and `OutOfMemory` with the one-line answer.
+    """
+    setup = setup_target(name)
+    config_lib.validate(config, device_count=setup.mesh.size, process_count=setup.hosts)
+    reports = {}
+    for which in ("train", "eval"):
+        try:
+            report, compiled, steps = compile_step(config, setup, which)
+        except DoesNotFit as error:
+            raise OutOfMemory(_oom_answer(config, setup, which, error)) from None
+        if setup.real and which == "train":
+            report.measured_seconds = measure(config, setup, compiled, steps, repeats)
+        reports[which] = report
+    params = jax.eval_shape(steps.init, jax.random.key(0)).params
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return Result(config, setup, reports, param_bytes)
+
+
+def check(config: ml_collections.ConfigDict, name: str, repeats: int = 5) -> str:
+    """`run`, as the report table the --compile_for flag prints."""
+    return run(config, name, repeats).table()

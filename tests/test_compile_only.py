@@ -1,0 +1,238 @@
+"""--compile_for: the trainer's steps compiled for TPU slices (and GPUs) this machine lacks.
+
+TPU programs compile with libtpu on the CPU; a missing libtpu fails these tests with the
+install line. The programs are the smallest that show each behaviour; whole-network compiles
+(the notebook's config, a CIFAR-10 smoke preset) are marked slow.
+"""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from pcjax import compile_only, compile_report, config_lib, datasets, sharding, targets, train
+from pcjax.configs import cifar10, digits
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tpu_devices(name: str) -> list:
+    try:
+        return targets.devices(targets.get_target(name))
+    except targets.MissingCompiler as error:
+        pytest.fail(str(error))
+
+
+def _tiny_digits(widths=(4,), image_size=8) -> object:
+    """The digits net with one narrow block on 8x8 images: a program that compiles in seconds."""
+    config = digits.get_config("smoke")
+    config.model.widths = widths
+    config.data.image_size = image_size
+    return config
+
+
+def _tiny_result(name: str) -> compile_only.Result:
+    _tpu_devices(name)  # a missing libtpu fails here, with the install line
+    return compile_only.run(_tiny_digits(), name)
+
+
+def _assert_report_positive(result: compile_only.Result) -> None:
+    for which, r in result.reports.items():
+        for field in ("argument_bytes", "output_bytes", "flops", "bytes_accessed"):
+            assert getattr(r, field) > 0, (which, field)
+        assert r.temp_bytes > 0 or which == "eval"  # a tiny eval step may need none
+        assert r.compile_seconds > 0
+        assert r.per_device_batch * result.setup.mesh.size == r.global_batch
+        # Arguments hold at least the replicated state and this device's share of the batch.
+        structs = compile_only.batch_structs(
+            result.config, result.setup.mesh, r.global_batch, which == "eval"
+        )
+        batch_bytes = sum(x.size * x.dtype.itemsize for x in structs.values()) // r.global_batch
+        assert r.argument_bytes >= result.param_bytes + batch_bytes * r.per_device_batch
+        seconds, _ = compile_report.step_seconds(
+            r, result.setup.chip, result.config.model.precision
+        )
+        assert seconds > 0
+    text = result.table()
+    labels = ("HBM per chip", "temporaries", "GFLOP per image", "arithmetic intensity",
+              "img/s per chip / per slice", "all-reduced per step", "compile seconds")  # fmt: skip
+    for label in labels:
+        assert label in text, label
+
+
+def test_every_target_name_is_a_topology_libtpu_accepts():
+    for name, target in targets.all_targets().items():
+        if target.chip.platform != "tpu":
+            continue
+        devices = _tpu_devices(name)
+        assert len(devices) == target.num_devices, name
+        assert {d.device_kind for d in devices} == {target.chip.device_kind}, name
+        assert len({d.process_index for d in devices}) == target.hosts, name
+    # Cloud TPU names: v4/v5p count TensorCores (two per chip), v5e/v6e count chips.
+    assert targets.get_target("v4-32").chips == 16
+    assert targets.get_target("v5p-128").chips == 64
+    assert targets.get_target("v5e-256").hosts == 64
+    assert targets.get_target("v5e-8").hosts == targets.get_target("v6e-8").hosts == 1
+    assert targets.get_target("v5litepod-16") == targets.get_target("v5e-16")
+
+
+def test_unknown_target_lists_the_valid_names():
+    with pytest.raises(ValueError, match="v9z-8") as caught:
+        targets.get_target("v9z-8")
+    line = str(caught.value)
+    assert "\n" not in line
+    for name in ("v5e-{1,4,8,", ",256}", "v4-{8,16,32,", "v5p-{8,", ",128,", "v6e-", "h200-{1,"):
+        assert name in line, name
+
+
+def test_mesh_spans_every_host_in_runtime_order():
+    devices = _tpu_devices("v5e-16")
+    mesh = sharding.make_mesh(devices)
+    assert mesh.size == 16 and list(mesh.devices.flat) == devices
+    # Each host's chips are one contiguous block of the "data" axis, host by host.
+    hosts = [d.process_index for d in mesh.devices.flat]
+    assert hosts == sorted(hosts) and len(set(hosts)) == 4
+
+
+def test_auto_wavelets_resolve_for_the_target_platform_not_the_host():
+    """A 32x32 block: "auto" is fft on this CPU host, matmul on TPU (choose_method's rule)."""
+    config = cifar10.get_config("mod/rho_psi,smoke")
+    shape = datasets.image_shape("cifar10")
+    texts = {}
+    for platform, devices in (("cpu", jax.devices()[:4]), ("tpu", _tpu_devices("v5e-4"))):
+        mesh = sharding.make_mesh(devices)
+        steps = train.build_steps(config, mesh, 10, shape)
+        assert steps.model.backend == platform
+        state = compile_only.state_struct(steps, mesh)
+        batch = compile_only.batch_structs(config, mesh, 8, eval_batch=True)
+        texts[platform] = steps.eval_step.lower(state, batch).as_text()
+    assert "fft" in texts["cpu"] and "fft" not in texts["tpu"]
+
+
+def test_tiny_net_report_on_a_v5e_slice():
+    result = _tiny_result("v5e-4")
+    _assert_report_positive(result)
+    train_report = result.reports["train"]
+    # Data parallel: every float32 gradient crosses the all-reduce; eval reduces only sums.
+    assert train_report.allreduce_bytes >= result.param_bytes
+    assert result.reports["eval"].allreduce_bytes < result.param_bytes
+    assert train_report.alias_bytes > 0  # the donated state is updated in place
+
+
+def test_largest_fitting_batch_agrees_with_a_linear_scan():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        base, slope = rng.uniform(0, 100), rng.uniform(0.1, 10)
+        curve = rng.uniform(0, 0.02)  # memory a little convex in the batch
+        capacity = rng.uniform(base, base + 5000)
+        calls = []
+
+        def need(b, base=base, slope=slope, curve=curve):
+            return base + slope * b + curve * b * b
+
+        def fits(b, need=need, capacity=capacity, calls=calls):
+            calls.append(b)
+            return need(b) <= capacity, need(b)
+
+        failed = int(rng.integers(2, 5000))
+        if need(failed) <= capacity:
+            continue
+        expected = max([b for b in range(1, failed) if need(b) <= capacity], default=0)
+        got = compile_only.largest_fitting_batch(fits, capacity, hi=failed, hi_bytes=need(failed))
+        assert got == expected
+        assert len(calls) <= 2 * int(np.log2(failed)) + 3
+        calls.clear()
+        if expected > 1:  # from a batch that fits, upper end unknown
+            start = int(rng.integers(1, expected + 1))
+            got = compile_only.largest_fitting_batch(fits, capacity, start, need(start))
+            assert got == expected
+            assert len(calls) <= 3 * int(np.log2(expected)) + 4
+
+
+@pytest.mark.slow  # the compiles that fit near the 16 GiB boundary take minutes
+def test_out_of_memory_is_one_line_with_a_batch_that_fits():
+    _tpu_devices("v5e-1")
+    config = _tiny_digits()
+    config.data.global_batch_size = 1 << 20
+    with pytest.raises(compile_only.OutOfMemory) as caught:
+        compile_only.run(config, "v5e-1")
+    line = str(caught.value)
+    assert "\n" not in line and "TPU v5 lite" in line and "GiB" in line
+    best = int(line.split("largest per-device batch that fits is ")[1].split()[0])
+    assert 1 < best < 1 << 20
+    setup = compile_only.setup_target("v5e-1")
+    report, _, _ = compile_only.compile_step(config, setup, "train", per_device_batch=best)
+    assert report.total_bytes <= targets.CHIPS["v5e"].hbm_bytes
+    with pytest.raises(compile_only.DoesNotFit):
+        compile_only.compile_step(config, setup, "train", per_device_batch=best + 1)
+
+
+def test_local_devices_compile_and_run_the_step():
+    """--compile_for=local: the same path on the test's 8 CPU devices, step measured."""
+    result = compile_only.run(_tiny_digits(), compile_only.LOCAL, repeats=2)
+    assert result.setup.real and result.setup.mesh.size == jax.device_count()
+    assert result.reports["train"].measured_seconds > 0
+    assert "measured: time per step" in result.table()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    return subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
+    )
+
+
+def test_cli_unknown_target_is_one_line():
+    out = _cli("experiments/quickstart.py", "--compile_for=v9z-8")
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert "v9z-8" in last and "v5e-{1,4,8" in last and "tensorflow" not in out.stderr.lower()
+
+
+def test_cli_prints_the_table_without_a_workdir():
+    _tpu_devices("v5e-4")
+    out = _cli(
+        "experiments/quickstart.py",
+        "--config=pcjax/configs/digits.py:smoke",
+        "--config.model.widths=(4,)",
+        "--config.data.image_size=8",
+        "--compile_for=v5e-4",
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| HBM per chip: arguments |" in out.stdout and "v5e-4" in out.stdout
+
+
+@pytest.mark.slow
+def test_notebook_config_fits_a_colab_v5e_chip():
+    """The Colab notebook trains digits.get_config() on one chip (Colab's TPU runtime)."""
+    _tpu_devices("v5e-1")
+    config = digits.get_config()
+    config_lib.validate(config, device_count=1)
+    result = compile_only.run(config, "v5e-1")
+    _assert_report_positive(result)
+    assert result.reports["train"].total_bytes < targets.CHIPS["v5e"].hbm_bytes
+
+
+@pytest.mark.slow
+def test_cifar_smoke_preset_on_a_v5e_slice():
+    _tpu_devices("v5e-4")
+    result = compile_only.run(cifar10.get_config("mod/rho_psi,smoke"), "v5e-4")
+    _assert_report_positive(result)
+    assert "roofline" in compile_report.format_report(result)
+
+
+def test_gpu_compile_only_counts_flops_from_the_hlo():
+    """H100s without a GPU: the CUDA plugin compiles; its executable reports no cost analysis,
+    so FLOPs and bytes come from XLA's HLO cost analysis."""
+    try:
+        devices = targets.devices(targets.get_target("h100-8"))
+    except targets.MissingCompiler as error:
+        pytest.skip(str(error))
+    assert len(devices) == 8 and devices[0].platform == "gpu"
+    result = compile_only.run(_tiny_digits(), "h100-8")
+    _assert_report_positive(result)
+    assert result.reports["train"].cost_source.startswith("HLO cost analysis")
+    assert result.reports["train"].allreduce_bytes >= result.param_bytes
