@@ -20,7 +20,7 @@ import logging as std_logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -29,11 +29,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, parameter_overview, periodic_actions
 from flax import struct
 
 from pcjax import checkpoint, config_lib, datasets, host_memory, metrics, sharding
 from pcjax import workdir as workdir_lib
+
+if TYPE_CHECKING:  # CLU's writers import TensorFlow; the step functions must not need it
+    from clu import metric_writers
 
 Batch = dict[str, jax.Array]
 
@@ -330,6 +332,8 @@ def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any
 
 def _build(config, path, mesh, manager, data) -> Run:
     """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
+    from clu import parameter_overview, periodic_actions
+
     writer = _events_writer(config, path)
     steps_per_epoch, num_steps, eval_every = _steps(
         config, data.num_train_examples(config.data.name, config.data.data_dir)
@@ -405,6 +409,8 @@ def _events_writer(config: ml_collections.ConfigDict, path: Any) -> metric_write
     where TensorFlow cannot write (its gs:// client ignores STORAGE_EMULATOR_HOST) this fails
     before anything compiles, in one line.
     """
+    from clu import metric_writers
+
     events = _events_dir(config, path)
     try:
         return metric_writers.create_default_writer(events, just_logging=jax.process_index() > 0)

@@ -7,16 +7,16 @@ pcjax is NHWC with kernels [C, K, 2]. Everything runs at the "highest" precision
 mode (batch statistics), and is compared at float32 tolerance.
 """
 
+import functools
 import os
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
-from pcjax import layers, models
+from pcjax import config_lib, layers, models, train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "golden"))
 import generate_golden as golden  # noqa: E402  (only its NumPy weight functions are used)
@@ -133,8 +133,9 @@ def _sgd_params(torch_params):
 
 
 def test_one_sgd_step_of_cifar_variant_b_matches_reference(ref):
-    """Loss, logits and every parameter after one SGD step (lr 0.01, momentum 0.9, coupled
-    weight decay 1e-4, as torch.optim.SGD) of a 4-block variant-B net."""
+    """Loss, logits and every parameter after one step of pcjax's own optimizer and train step
+    (lr 0.01, momentum 0.9, coupled weight decay 1e-4: the default recipe, as torch.optim.SGD)
+    of a 4-block variant-B net."""
     net = models.PhaseCollapseNet(
         widths=(4, 6, 6, 8), num_classes=10, num_angles=4, block_type="linear_plus_rho"
     )
@@ -142,23 +143,38 @@ def test_one_sgd_step_of_cifar_variant_b_matches_reference(ref):
     labels = jnp.asarray(ref["sgd/labels"])
     stats = net.init(jax.random.key(0), x, train=True)["batch_stats"]
     params = _sgd_params(_params_of(ref, "sgd/"))
-
-    def loss_fn(p):
-        logits, _ = net.apply(
+    cfg = config_lib.default_config()
+    assert (cfg.optim.learning_rate, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        0.01,
+        0.9,
+        1e-4,
+    )
+    tx = train.create_optimizer(cfg, steps_per_epoch=1)
+    state = train.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=stats,
+        opt_state=tx.init(params),
+        apply_fn=net.apply,
+        tx=tx,
+    )
+    # One compiled program (op-by-op dispatch of the backward pass is far slower on CPU).
+    step = jax.jit(
+        functools.partial(train.train_step, learning_rate_fn=train.learning_rate_schedule(cfg, 1))
+    )
+    after_state, metrics = step(state, {"image": x, "label": labels})
+    np.testing.assert_allclose(metrics["loss"], ref["sgd/loss"], rtol=1e-5)
+    logits, _ = jax.jit(
+        lambda p: net.apply(
             {"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"]
         )
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
-
-    # One compiled program (op-by-op dispatch of the backward pass is far slower on CPU).
-    (loss, logits), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(params)
-    np.testing.assert_allclose(loss, ref["sgd/loss"], rtol=1e-5)
+    )(params)
     np.testing.assert_allclose(logits, ref["sgd/logits"], rtol=0, atol=1e-4)
-    opt = optax.chain(optax.add_decayed_weights(1e-4), optax.sgd(0.01, momentum=0.9))
-    updates, _ = opt.update(grads, opt.init(params), params)
-    after = optax.apply_updates(params, updates)
     want = _sgd_params({k[len("sgd/after/") :]: v for k, v in ref.items() if "sgd/after/" in k})
     for (path, got), w in zip(
-        jax.tree_util.tree_leaves_with_path(after), jax.tree_util.tree_leaves(want), strict=True
+        jax.tree_util.tree_leaves_with_path(after_state.params),
+        jax.tree_util.tree_leaves(want),
+        strict=True,
     ):
         # Parameters move by lr * grad ~ 1e-3; float32 gradients agree to ~1e-4 relative.
         np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6, err_msg=jax.tree_util.keystr(path))

@@ -270,7 +270,8 @@ def test_cifar_variant_b_float32_error_chained_through_every_block(monkeypatch):
     want = oracle.net_blocks(model, variables, x)
 
     chained, one_block = _chained_errors(model, variables, x, want)
-    assert max(chained) <= 5e-6, chained  # XLA:CPU's GEMM
+    # The shipped path: the largest chained error of seeds 0-2 (4.55e-6) plus 10 %.
+    assert max(chained) <= 5e-6, chained
     assert max(one_block) <= 1e-6, one_block
 
     monkeypatch.setattr(complex_ops, "matmul", _correctly_rounded_matmul)

@@ -8,7 +8,8 @@ import subprocess
 import sys
 import time
 
-import chex
+import jax
+import numpy as np
 import pytest
 
 from pcjax import checkpoint, train
@@ -103,4 +104,5 @@ def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
         assert rc == 0, log[-3000:]
     a = checkpoint.restore_variables(straight, end)[0]
     b = checkpoint.restore_variables(wd, end)[0]
-    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+    # Same two processes x four devices on both sides: the resume is bit-identical.
+    jax.tree.map(np.testing.assert_array_equal, a, b)
