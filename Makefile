@@ -1,5 +1,7 @@
 # First commands of the README. Each target creates .venv on first use.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter .venv is made from: the first Python >= 3.12 that runs (tools/find_python.sh);
+# `make PYTHON=/path/to/python3.12 install` chooses one.
+export PYTHON
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -14,7 +16,10 @@ HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 .PHONY: install test test-fast quickstart bench lint clean
 
 $(STAMP): requirements.txt setup.cfg pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
+	  py=$$(sh tools/find_python.sh) || exit 1; \
+	  echo "creating $(VENV) with $$py"; rm -rf $(VENV); $$py -m venv $(VENV) || exit 1; \
+	fi
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install -e '.[test]'

@@ -1,8 +1,9 @@
 """Command-line entry shared by the experiment mains: flags, logging, then `train.run`.
 
 Each main is `cli.main(default_config)`; anything a notebook needs is `pcjax.train.run` or
-`pcjax.train.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line),
-`train.PREEMPTED_EXIT_CODE` (143) stopped by SIGTERM after saving.
+`pcjax.train.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line;
+an unexpected error's traceback goes to a file it names), `train.PREEMPTED_EXIT_CODE` (143)
+stopped by SIGTERM after saving.
 """
 
 from __future__ import annotations
@@ -68,9 +69,12 @@ def main(default_config: str) -> None:
 
     from pcjax import checkpoint, config_lib, train, workdir
 
-    config = config_flags.DEFINE_config_file(
-        "config", default_config, "Experiment config (FILE[:PRESET]).", lock_config=True
-    )
+    try:  # ml_collections applies the --config.* overrides here
+        config = config_flags.DEFINE_config_file(
+            "config", default_config, "Experiment config (FILE[:PRESET]).", lock_config=True
+        )
+    except (KeyError, AttributeError, ValueError, TypeError) as error:
+        sys.exit(f"error: ConfigError: {_bad_override(sys.argv[1:], error)}")
     workdir_flag = flags.DEFINE_string(
         "workdir", None, "Local folder or URL (gs://bucket/run) for checkpoints and events."
     )
@@ -117,9 +121,45 @@ def main(default_config: str) -> None:
             sys.exit(train.PREEMPTED_EXIT_CODE)
         except expected as error:
             sys.exit(f"error: {type(error).__name__}: {error}")
+        except Exception as error:  # anything else: one line, the traceback in a file
+            sys.exit(f"error: {checkpoint.first_line(error, 500)} (details: {_log_traceback()})")
         print(f"final eval: {json.dumps(result)}")
 
     app.run(run, flags_parser=_parser(default_config, app))
+
+
+def _bad_override(args: list[str], error: BaseException) -> str:
+    """One line for a --config.* override that names no field: the key and the valid ones."""
+    from pcjax import config_lib
+
+    schema = config_lib.default_config()
+    for arg in args:
+        if not arg.startswith("--config."):
+            continue
+        path = arg[len("--config.") :].split("=", 1)[0]
+        node, done = schema, []
+        for key in path.split("."):
+            if not hasattr(node, "keys") or key not in node:
+                where = f"config.{'.'.join(done)}" if done else "config"
+                valid = sorted(node.keys()) if hasattr(node, "keys") else []
+                return f"Unknown config key {path!r} in {arg}; valid keys of {where}: {valid}."
+            node, done = node[key], [*done, key]
+    return f"Bad --config override ({type(error).__name__}: {str(error).strip()[:300]})."
+
+
+def _log_traceback() -> str:
+    """Writes the current exception's traceback to a temporary file; its path."""
+    import tempfile
+    import traceback
+
+    path = os.path.join(tempfile.gettempdir(), f"pcjax-error-{os.getpid()}.txt")
+    try:
+        with open(path, "w") as f:
+            traceback.print_exc(file=f)
+    except OSError:  # no room even for that: the traceback goes to stderr
+        traceback.print_exc()
+        return "the traceback above"
+    return path
 
 
 def _parser(default_config: str, app):
@@ -133,6 +173,9 @@ def _parser(default_config: str, app):
             print(flags.FLAGS.module_help(__name__))
             print(flags.FLAGS.module_help("ml_collections.config_flags.config_flags"))
             sys.exit(0)
-        return app.parse_flags_with_usage(argv)
+        try:  # with --config=FILE, ml_collections applies the --config.* overrides here
+            return app.parse_flags_with_usage(argv)
+        except (KeyError, AttributeError, ValueError, TypeError) as error:
+            sys.exit(f"error: ConfigError: {_bad_override(argv[1:], error)}")
 
     return parse

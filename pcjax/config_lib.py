@@ -77,7 +77,14 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.eval_every_steps = config_dict.placeholder(int)  # None: once per epoch
     cfg.train.eval_steps = config_dict.placeholder(int)  # None: the whole eval split (exact)
     cfg.train.checkpoint_every_steps = 1000
-    cfg.train.max_checkpoints_to_keep = 3
+    cfg.train.max_checkpoints_to_keep = 3  # the newest k; the best eval top-1 is kept besides
+    # Divergence (pcjax.health): a step whose loss, gradient norm or parameter norm exceeds
+    # spike_factor x its median over the last spike_window healthy steps opens a spike; one
+    # lasting spike_patience steps (or any non-finite step) stops the run and sets aside the
+    # checkpoints written since it began.
+    cfg.train.spike_window = 100
+    cfg.train.spike_factor = 10.0
+    cfg.train.spike_patience = 10
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
     cfg.train.events_dir = ""  # TensorBoard events (written by TensorFlow); "": the workdir
     # Opt-in, for CPU benchmarks through `pcjax.train.run`: steps run one at a time and reuse
@@ -237,9 +244,16 @@ def validate(
         "eval_steps",
         "checkpoint_every_steps",
         "max_checkpoints_to_keep",
+        "spike_window",
+        "spike_patience",
     ):
         value = t[path]
         _require(value is None or value > 0, f"config.train.{path}={value} must be > 0.")
+    _require(
+        t.spike_factor > 1,
+        f"config.train.spike_factor={t.spike_factor} must be > 1 (a huge value turns spike "
+        "detection off; non-finite steps still stop the run).",
+    )
     if d.image_size is not None:
         _require(d.image_size >= 8, f"config.data.image_size={d.image_size} must be >= 8.")
     _check_geometry(config)

@@ -222,6 +222,12 @@ def open_source(
         builder = tfds.builder(name, data_dir=data_dir)
         return builder.as_data_source(split=split, decoders=_tfds_decoders(name))
     except Exception as error:  # any failure to open is reported with the fix
+        folder = getattr(locals().get("builder"), "data_dir", None)
+        if folder is not None and not tf.io.gfile.exists(folder):  # TFDS's own text misleads
+            raise DataNotPreparedError(
+                f"Dataset {name!r} is not in data_dir={data_dir or DEFAULT_DATA_DIR} (no folder "
+                f"{folder}).\n{_prepare_command(name, data_dir)}"
+            ) from None
         raise DataNotPreparedError(
             f"Dataset {name!r} (split {split!r}) is not prepared in the array_record format in "
             f"data_dir={data_dir or DEFAULT_DATA_DIR}: {type(error).__name__}: {error}\n"

@@ -11,15 +11,20 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
 
 
 def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D mesh named "data" over `devices` (default: all devices of all processes)."""
+    """A 1-D mesh named "data" over `devices` (default: all devices of all processes).
+
+    The axis is Auto: shardings are fixed at the jitted step's inputs and outputs and XLA
+    propagates them inside (an Explicit axis would carry the batch sharding in every traced
+    type). Stated here because `jax.make_mesh` defaults to Explicit axes.
+    """
     devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

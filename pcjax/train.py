@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from flax import struct
 
-from pcjax import checkpoint, config_lib, datasets, host_memory, metrics, sharding
+from pcjax import checkpoint, config_lib, datasets, health, host_memory, metrics, sharding
 from pcjax import workdir as workdir_lib
 
 if TYPE_CHECKING:  # CLU's writers import TensorFlow; the step functions must not need it
@@ -55,7 +55,8 @@ class Preempted(Exception):
 
 
 class Diverged(FloatingPointError):
-    """The loss or the updated state is not finite; nothing non-finite was saved."""
+    """The loss or the state blew up (non-finite, or a lasting spike); the checkpoints written
+    since the spike began were set aside, so a rerun resumes from a healthy one."""
 
 
 class TrainState(struct.PyTreeNode):
@@ -347,6 +348,7 @@ def _build(config, path, mesh, manager, data) -> Run:
         out_shardings=replicated,
     )(jax.random.key(config.seed))
     state, loop_state, restored = checkpoint.restore_latest(manager, state)
+    checkpoint.check_free_space(manager.directory, state)  # a full disk fails here, not later
     start_step = int(restored or 0)
     if start_step == 0:
         _write_hparams(config, writer)
@@ -439,16 +441,29 @@ class _Loop:
         self.pending: list[dict[str, jax.Array]] = []
         self.tick = time.perf_counter()
         self.eval_metrics: dict[str, float] = dict(run.loop_state.get("eval", {}))
+        self.evaluated_at: int | None = None
+        t = run.config.train
+        self.monitor = health.SpikeMonitor(
+            window=t.spike_window,
+            factor=t.spike_factor,
+            patience=t.spike_patience,
+            num_classes=datasets.DATASETS[run.config.data.name].num_classes,
+            state=run.loop_state.get("health"),
+        )
+        self.deferred: int | None = None  # onset of the spike whose saves were held back
+        self.last_metrics: dict = {"learning_rate": run.config.optim.learning_rate}
 
     def flush(self, step: int) -> None:
         """Fetches pending step metrics (the only host sync), checks them, writes them."""
         if not self.pending:
             return
         fetched = jax.device_get(self.pending)
-        finite = np.array([m["finite"] for m in fetched]) > 0
-        if not finite.all():
-            first = int(np.argmin(finite))
-            self._diverged(step - len(fetched) + first + 1, fetched[first])
+        for i, m in enumerate(fetched):  # every step's loss and norms, in order
+            verdict = self.monitor.observe(step - len(fetched) + i + 1, m)
+            if verdict.diverged:
+                self._diverged(verdict, m)
+        self.run.loop_state["health"] = self.monitor.state()
+        self.last_metrics = fetched[-1]
         keys = [k for k in fetched[0] if k != "finite"]
         summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in keys}
         elapsed = time.perf_counter() - self.tick
@@ -457,22 +472,34 @@ class _Loop:
         self.run.writer.write_scalars(step, summary)
         self.pending, self.tick = [], time.perf_counter()
 
-    def _diverged(self, bad_step: int, metrics_at: dict) -> None:
+    def _diverged(self, verdict: health.Verdict, metrics_at: dict) -> None:
+        """Sets aside the checkpoints written since the spike began; raises `Diverged`."""
         manager = self.run.manager
         with jax.transfer_guard("allow"):
             manager.wait_until_finished()
         manager.reload()
+        tainted = health.tainted_steps(manager.all_steps(), verdict.onset)
+        checkpoint.set_aside(manager, tainted, checkpoint.DIVERGED, "diverged")
         good = manager.latest_step()
-        where = (
-            f"the last checkpoint, step {good} ({manager.directory / str(good)}), is finite and "
-            "kept; rerunning resumes from it"
-            if good is not None
-            else f"no checkpoint was saved in {manager.directory}"
+        aside = (
+            f"checkpoints {tainted} set aside in {manager.directory.parent / checkpoint.DIVERGED}; "
+            if tainted
+            else ""
         )
+        if good is not None:
+            where = (
+                f"{aside}rerunning resumes from the last healthy checkpoint, step {good} "
+                f"({manager.directory / str(good)})"
+            )
+        elif tainted:
+            where = f"{aside}no healthy checkpoint is left, so a rerun starts afresh"
+        else:
+            where = f"no checkpoint was saved in {manager.directory}"
         raise Diverged(
-            f"Non-finite loss or parameters after step {bad_step} (model "
-            f"{self.run.config.model.name}, lr {float(metrics_at['learning_rate']):g}); {where}. "
-            "Lower config.optim.learning_rate or check the input data."
+            f"{verdict.reason[:1].upper()}{verdict.reason[1:]} (model "
+            f"{self.run.config.model.name}, lr {float(metrics_at['learning_rate']):g}); the "
+            f"blow-up began at step {verdict.onset}; {where}. Lower "
+            "config.optim.learning_rate or check the input data."
         )
 
     def evaluate(self, step: int) -> None:
@@ -486,10 +513,33 @@ class _Loop:
         scalars = {f"eval/{k}": v for k, v in self.eval_metrics.items()}
         run.writer.write_scalars(step, {**scalars, "eval/best_top1": best})
         self.tick = time.perf_counter()
+        self.evaluated_at = step
 
-    def save(self, step: int) -> None:
-        with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
-            checkpoint.save(self.run.manager, step, self.run.state, self.run.loop_state, force=True)
+    def save(self, step: int, stop: bool = False) -> None:
+        """Saves `step`, unless a loss spike is open (a preemption saves anyway: the spike's
+        onset travels in the checkpoint, and a divergence sets it aside later)."""
+        spike = self.monitor.spike
+        if spike is not None and not stop:
+            if self.deferred != spike["onset"]:
+                logging.warning(
+                    "Loss spike since step %d (%s): checkpoints wait until it ends.",
+                    spike["onset"],
+                    spike["reason"],
+                )
+                self.deferred = spike["onset"]
+            return
+        top1 = self.eval_metrics.get("top1") if self.evaluated_at == step else None
+        manager = self.run.manager
+        checkpoint.check_free_space(manager.directory, self.run.state, step)
+        try:
+            with jax.transfer_guard("allow"):  # Orbax copies the state to the host itself
+                checkpoint.save(manager, step, self.run.state, self.run.loop_state, True, top1)
+        except Exception as error:  # this save, or the previous one still being written
+            raise checkpoint.CheckpointError(
+                f"Saving step {step} (or finishing the save before it) in {manager.directory} "
+                f"failed: {checkpoint.first_line(error)}. The checkpoints before are intact; "
+                "rerun to resume from the last one."
+            ) from error
 
     def step_once(self, step: int, stop: bool) -> None:
         """Bookkeeping after the step that produced `step`: flush, eval, save as due."""
@@ -502,14 +552,14 @@ class _Loop:
         if due_eval:
             self.evaluate(step)
         if due_ckpt:
-            self.save(step)
+            self.save(step, stop)
 
 
 def train_loop(run: Run) -> dict[str, float]:
     """Steps `run` from its start to its end; returns the final eval metrics.
 
-    Raises `Preempted` after saving when SIGTERM reached any process, `Diverged` (nothing
-    non-finite saved) when the loss or state stops being finite.
+    Raises `Preempted` after saving when SIGTERM reached any process, `Diverged` when the
+    loss or state blows up (pcjax.health), after setting aside what was saved since.
     """
     loop = _Loop(run)
     step, stop = run.start_step, False
@@ -524,6 +574,15 @@ def train_loop(run: Run) -> dict[str, float]:
                 hook(step)
             stop = stopper.poll() and step < run.num_steps
             loop.step_once(step, stop)
+    logging.info(
+        "Spike monitor: largest loss/gradient/parameter-norm ratio to its running median %.3g "
+        "(a spike opens above train.spike_factor = %g).",
+        loop.monitor.peak,
+        run.config.train.spike_factor,
+    )
+    if not stop and loop.monitor.open_spike:  # the run ended inside a spike
+        loop.flush(step)
+        loop._diverged(loop.monitor.confirm(), loop.last_metrics)
     with jax.transfer_guard("allow"):
         run.manager.wait_until_finished()
     run.writer.flush()

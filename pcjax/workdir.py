@@ -2,14 +2,17 @@
 
 A workdir is a local folder or a URL (`gs://bucket/run`); every file here goes through
 `etils.epath`. Process 0 holds `workdir/lock` (pid and host) while it trains; a lock left by a
-dead process of the same host is taken over. On resume the config is compared with
+dead process of the same host is taken over. Taking and taking over the lock are atomic (see
+`acquire_lock`). On resume the config is compared with
 `config.json`: changes to the model, the data or the optimiser's state are refused, changes of
 schedule and cadence are accepted and appended to `config_history.jsonl`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import fcntl
 import json
 import os
 import socket
@@ -21,7 +24,8 @@ from etils import epath
 
 from pcjax import checkpoint
 
-LOCK, CONFIG, HISTORY = "lock", "config.json", "config_history.jsonl"
+LOCK, GUARD = "lock", "lock.guard"
+CONFIG, HISTORY = "config.json", "config_history.jsonl"
 
 # Keys whose change on resume keeps the run meaningful: schedule, cadence, where data is read
 # from, evaluation batch. Every other key (model, dataset, image size, global batch, seed,
@@ -71,44 +75,148 @@ def _owner() -> dict[str, Any]:
     return {"pid": os.getpid(), "host": socket.gethostname()}
 
 
+def _holder(text: bytes | str) -> dict[str, Any] | None:
+    """The lock's {pid, host, since}, or None if it is empty or not a lock (never written
+    whole: every lock is written atomically, so such a file is no run's)."""
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None
+    return holder if isinstance(holder, dict) and "pid" in holder else None
+
+
+def _refuse_unless_dead(path: epath.Path, lock: Any, holder: dict[str, Any] | None) -> None:
+    """Raises WorkdirError unless `holder` is gone: a dead process of this host, or no holder."""
+    if holder is None:
+        logging.warning("Replacing %s, which holds no run (empty or unreadable).", lock)
+        return
+    me = _owner()
+    if holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1))):
+        logging.warning("Taking over %s from process %s, which is gone.", lock, holder["pid"])
+        return
+    raise WorkdirError(
+        f"Workdir {path} is in use by process {holder.get('pid')} on host "
+        f"{holder.get('host')} (since {holder.get('since')}). Use another workdir, or "
+        f"delete {lock} if that run is gone."
+    )
+
+
 def acquire_lock(path: epath.Path) -> epath.Path:
-    """Takes workdir/lock for this process; raises WorkdirError if a live run holds it."""
-    lock = path / LOCK
-    if lock.exists():
-        try:
-            holder = json.loads(lock.read_text())
-        except (ValueError, OSError):
-            holder = {}
-        me = _owner()
-        dead = holder.get("host") == me["host"] and not _pid_alive(int(holder.get("pid", -1)))
-        if not dead:
-            raise WorkdirError(
-                f"Workdir {path} is in use by process {holder.get('pid')} on host "
-                f"{holder.get('host')} (since {holder.get('since')}). Use another workdir, or "
-                f"delete {lock} if that run is gone."
-            )
-        logging.warning("Taking over %s from process %s, which is gone.", lock, holder.get("pid"))
-    text = json.dumps({**_owner(), "since": _now()})
+    """Takes workdir/lock for this process; raises WorkdirError if a live run holds it.
+
+    Atomic on both kinds of workdir, so two runs starting together (or taking over the same
+    stale lock together) never both win: on a local disk every change of the lock happens
+    under an flock of `lock.guard`; on gs:// (through gcsfs) the lock object is written only
+    if it does not exist (generation precondition 0), and a stale one is deleted only if it
+    is still the generation that was read.
+    """
     if "://" in str(path):
-        lock.write_text(text)
-    else:  # local: an exclusive create, so two runs starting together cannot both win
+        return _acquire_in_store(path)
+    lock = path / LOCK
+    with _guard(path):
         if lock.exists():
-            lock.unlink()
-        try:
-            fd = os.open(os.fspath(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            raise WorkdirError(f"Workdir {path} was locked by another run just now.") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+            _refuse_unless_dead(path, lock, _holder(lock.read_text()))
+        _write_atomically(lock, json.dumps({**_owner(), "since": _now()}))
     return lock
+
+
+@contextlib.contextmanager
+def _guard(path: epath.Path):
+    """An exclusive flock on workdir/lock.guard (never deleted, released by the kernel when
+    its holder dies), serialising lock changes between the runs sharing the folder."""
+    guard = os.fspath(path / GUARD)
+    try:
+        fd = os.open(guard, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as error:
+        raise WorkdirError(
+            f"Cannot create {guard}: {checkpoint.disk_error(error, guard)}"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _write_atomically(lock: epath.Path, text: str) -> None:
+    """Writes a temporary file and renames it over `lock`: the lock is whole or absent."""
+    tmp = lock.parent / f"{LOCK}.{os.getpid()}.tmp"
+    try:
+        with open(os.fspath(tmp), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(os.fspath(tmp), os.fspath(lock))
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(os.fspath(tmp))
+        raise WorkdirError(
+            f"Cannot write the lock {lock}: {checkpoint.disk_error(error, lock)}"
+        ) from None
+
+
+def _bucket(path: Any) -> tuple[Any, str, str]:
+    """(gcsfs file system, bucket, object name) of a gs:// path."""
+    try:
+        import gcsfs
+    except ImportError:
+        raise WorkdirError(
+            f"A {str(path).split('://')[0]}:// workdir needs gcsfs for its lock "
+            "(pip install gcsfs)."
+        ) from None
+    bucket, _, name = str(path).split("://", 1)[1].partition("/")
+    return gcsfs.GCSFileSystem(), bucket, name
+
+
+def _acquire_in_store(path: epath.Path) -> epath.Path:
+    """Create-only write of the lock object (precondition generation 0); a stale lock is first
+    deleted on the condition that it is still the generation that was read."""
+    fs, bucket, name = _bucket(path / LOCK)
+    text = json.dumps({**_owner(), "since": _now()}).encode()
+    try:
+        try:
+            generation = fs.info(f"{bucket}/{name}")["generation"]
+        except FileNotFoundError:
+            generation = None
+        if generation is not None:
+            _refuse_unless_dead(path, path / LOCK, _holder(fs.cat_file(f"{bucket}/{name}")))
+            with contextlib.suppress(FileNotFoundError):  # another run removed it first
+                fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=generation)
+        fs.invalidate_cache()
+        fs.pipe_file(f"{bucket}/{name}", text, mode="create")
+    except FileExistsError:  # HTTP 412: a precondition failed, another run wrote it first
+        fs.invalidate_cache()
+        try:
+            holder = _holder(fs.cat_file(f"{bucket}/{name}")) or {}
+        except OSError:
+            holder = {}
+        raise WorkdirError(
+            f"Workdir {path} was locked just now by process {holder.get('pid')} on host "
+            f"{holder.get('host')}. Use another workdir, or wait for that run to end."
+        ) from None
+    except OSError as error:
+        raise WorkdirError(
+            f"Cannot take the lock {path / LOCK} ({checkpoint.first_line(error)})."
+        ) from None
+    return path / LOCK
 
 
 def release_lock(lock: epath.Path) -> None:
     """Removes the lock if this process still holds it."""
+    me = _owner()
     try:
-        if json.loads(lock.read_text()).get("pid") == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
+        if "://" in str(lock):
+            fs, bucket, name = _bucket(lock)
+            generation = fs.info(f"{bucket}/{name}")["generation"]
+            holder = _holder(fs.cat_file(f"{bucket}/{name}"))
+            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=generation)
+            return
+        with _guard(lock.parent):
+            holder = _holder(lock.read_text())
+            if holder and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                lock.unlink()
+    except (OSError, ValueError, WorkdirError):
         pass
 
 

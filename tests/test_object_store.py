@@ -104,9 +104,9 @@ def _quickstart(cwd, env, *flags: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def _objects(url: str) -> dict[str, int]:
-    """{name: size} of every object under run/ in the bucket, as the emulator lists them."""
-    query = urllib.parse.urlencode({"prefix": "run/", "maxResults": 10000})
+def _objects(url: str, prefix: str = "run/") -> dict[str, int]:
+    """{name: size} of every object under `prefix` in the bucket, as the emulator lists them."""
+    query = urllib.parse.urlencode({"prefix": prefix, "maxResults": 10000})
     with urllib.request.urlopen(f"{url}/storage/v1/b/{BUCKET}/o?{query}", timeout=30) as r:
         listing = json.load(r)
     assert "nextPageToken" not in listing
@@ -168,3 +168,31 @@ def test_gs_workdir_trains_checkpoints_and_resumes_in_the_bucket(emulator, tmp_p
         {"step": 4, "time": history[0]["time"], "changes": {"train.num_steps": [4, 6]}}
     ]
     assert sorted(os.listdir(tmp_path)) == ["emulator.log", "events"]  # nothing written under ./gs:
+
+
+@pytest.mark.slow
+def test_simultaneous_starts_on_a_bucket_have_one_winner(emulator, tmp_path):
+    """20 trials of two runs locking the same fresh gs:// workdir at the same instant: the
+    create-only write (generation precondition 0) lets exactly one win; the other gets one
+    line. Then the winner releases, and its lock object is gone."""
+    from test_lock import assert_one_winner, race
+
+    assert_one_winner(race(f"gs://{BUCKET}/race", 20, tmp_path / "sync", env=_env(emulator)))
+    assert sum(name.endswith("/lock") for name in _objects(emulator, "race/")) == 20
+
+
+def test_release_removes_only_the_holders_lock_in_the_bucket(emulator, monkeypatch):
+    from etils import epath
+
+    from pcjax import workdir
+
+    for key, value in _env(emulator).items():
+        monkeypatch.setenv(key, value)
+    path = epath.Path(f"gs://{BUCKET}/mine")
+    lock = workdir.acquire_lock(path)
+    with pytest.raises(workdir.WorkdirError, match=f"in use by process {os.getpid()}"):
+        workdir.acquire_lock(path)
+    workdir.release_lock(lock)
+    assert _objects(emulator, "mine/") == {}
+    workdir.acquire_lock(path)
+    workdir.release_lock(lock)

@@ -217,7 +217,7 @@ def test_divergence_never_reaches_a_checkpoint(tmp_path, caplog):
     bad.optim.learning_rate = 1e9
     with pytest.raises(train.Diverged) as error:
         train.train_and_evaluate(bad, wd)
-    found = re.search(r"the last checkpoint, step (\d+) \((\S+)\), is finite", str(error.value))
+    found = re.search(r"last healthy checkpoint, step (\d+) \((\S+)\)", str(error.value))
     assert found, str(error.value)
     step, path = int(found.group(1)), found.group(2)
     assert step >= 4 and os.path.isdir(path) and path.endswith(f"checkpoints/{step}")
@@ -277,7 +277,8 @@ def test_loop_evaluates_and_saves_only_finite_states(tmp_path):
     evals = [(s, v) for s, k, v in run.writer.scalars if k == "eval/top1"]
     assert [s for s, _ in evals] == [1, 2, 3]
     assert run.loop_state["best_top1"] == max(v for _, v in evals)
-    assert run.manager.all_steps() == [2, 3]
+    best = max(evals, key=lambda e: e[1])[0]  # the newest two and the best are kept
+    assert run.manager.all_steps() == sorted({2, 3, best})
 
     cfg = _tiny_config(num_steps=6, checkpoint_every_steps=100)
     cfg.optim.learning_rate = 1e30
