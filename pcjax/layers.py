@@ -48,26 +48,16 @@ class BatchStandardize(nn.Module):
 
     @nn.compact
     def __call__(
-        self,
-        x: jax.Array | Sequence[jax.Array],
-        use_running_average: bool,
-        orders: Sequence[np.ndarray] | None = None,
+        self, x: jax.Array | Sequence[jax.Array], use_running_average: bool
     ) -> jax.Array | list[jax.Array]:
         """Standardises `x`, or a list of channel segments (real or complex) of one tensor.
 
         Segments are standardised exactly as their concatenation would be; keeping real
         segments real lets the projection that follows use half the multiplications on them.
-        `orders` (with `return_statistics`): per segment, the index of each of its channels in
-        the stored statistics, so segments may hold their channels in any order.
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         sizes = [s.shape[-1] for s in segments]
         c = sum(sizes)
-        if orders is None:
-            orders = np.split(np.arange(c), np.cumsum(sizes)[:-1])
-        elif not self.return_statistics:
-            raise ValueError("Channel orders are for return_statistics=True only.")
-        order = np.concatenate(orders)
         any_complex = any(jnp.iscomplexobj(s) for s in segments)
         if self.affine and any_complex:
             raise ValueError("Affine batch standardisation is defined for real inputs only.")
@@ -79,12 +69,12 @@ class BatchStandardize(nn.Module):
         offsets = np.cumsum([0, *sizes])
         means, variances = [], []
         if use_running_average:
-            for seg, idx in zip(segments, orders, strict=True):
-                m = _take(ra_mean.value, idx)
+            for seg, lo, hi in zip(segments, offsets[:-1], offsets[1:], strict=True):
+                m = ra_mean.value[lo:hi]
                 if any_complex:
                     m = complex_ops.to_complex(m) if jnp.iscomplexobj(seg) else m[:, 0]
                 means.append(m)
-                variances.append(_take(ra_var.value, idx))
+                variances.append(ra_var.value[lo:hi])
         else:
             axes = tuple(range(segments[0].ndim - 1))
             for seg in segments:
@@ -111,8 +101,6 @@ class BatchStandardize(nn.Module):
                 else:
                     batch_mean = jnp.concatenate(means)
                 batch_var = jnp.concatenate(variances)
-                inverse = np.argsort(order)  # back to the stored channel order
-                batch_mean, batch_var = _take(batch_mean, inverse), _take(batch_var, inverse)
                 ra_mean.value = (1 - mom) * ra_mean.value + mom * batch_mean
                 ra_var.value = (1 - mom) * ra_var.value + mom * batch_var * (n / max(n - 1, 1))
         inv_stds = [jax.lax.rsqrt(v + self.epsilon) for v in variances]
@@ -131,14 +119,6 @@ class BatchStandardize(nn.Module):
         return out if isinstance(x, (list, tuple)) else out[0]
 
 
-def _take(v: jax.Array, idx: np.ndarray) -> jax.Array:
-    """v[idx] along axis 0 for a constant index; a slice where idx is contiguous."""
-    idx = np.asarray(idx)
-    if idx.size and np.array_equal(idx, np.arange(idx[0], idx[0] + idx.size)):
-        return v[int(idx[0]) : int(idx[0]) + idx.size]
-    return jnp.take(v, jnp.asarray(idx), axis=0)
-
-
 class ComplexProjection(nn.Module):
     """`Pc`: learned bias-free complex 1x1 projection, semi-unitary initialisation.
 
@@ -154,13 +134,11 @@ class ComplexProjection(nn.Module):
         self,
         x: jax.Array | Sequence[jax.Array],
         standardize: Sequence[tuple[jax.Array, jax.Array]] | None = None,
-        orders: Sequence[np.ndarray] | None = None,
     ) -> jax.Array:
         """Projects `x` (one array or its channel segments, see `complex_ops.project_segments`).
 
         With `standardize` = per-segment (mean, 1/std), computes ((x - mean) / std) W as
         (x - mean) (W / std): centred before the matmul, 1 / std folded into the weights.
-        `orders`: per segment, the kernel row of each of its channels (default: in order).
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
@@ -168,8 +146,6 @@ class ComplexProjection(nn.Module):
             lambda key, shape: complex_ops.semi_unitary_init(key, *shape),
             (sum(s.shape[-1] for s in segments), self.features),
         )
-        if orders is not None:
-            kernel = _take(kernel, np.concatenate(orders))  # a permutation of the small kernel
         if standardize is None:
             return complex_ops.project_segments(segments, kernel, self.precision)
         return complex_ops.project_segments(
@@ -181,36 +157,19 @@ class ComplexProjection(nn.Module):
         )
 
 
-def _merge_segments(
-    parts: list[jax.Array], orders: list[np.ndarray]
-) -> tuple[list[jax.Array], list[np.ndarray]]:
+def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
     """Channel segments in order, adjacent parts of the same kind (real/complex) concatenated.
 
     The reference concatenates everything into one complex tensor; keeping real parts (moduli,
     the low-pass of a real image) real changes no value but halves their projection cost.
-    `orders` (the reference channel index of each channel of each part) are merged alike.
     """
-    merged: list[list[int]] = []
-    for i, p in enumerate(parts):
-        if merged and jnp.iscomplexobj(parts[merged[-1][0]]) == jnp.iscomplexobj(p):
-            merged[-1].append(i)
+    merged: list[list[jax.Array]] = []
+    for p in parts:
+        if merged and jnp.iscomplexobj(merged[-1][0]) == jnp.iscomplexobj(p):
+            merged[-1].append(p)
         else:
-            merged.append([i])
-    segments = [
-        parts[g[0]] if len(g) == 1 else jnp.concatenate([parts[i] for i in g], axis=-1)
-        for g in merged
-    ]
-    return segments, [np.concatenate([orders[i] for i in g]) for g in merged]
-
-
-def angle_major_order(channels: int, num_angles: int) -> np.ndarray:
-    """Reference channel (c * L + angle) of each wavelet channel stored angle-major (angle * C + c).
-
-    The wavelet coefficients come out as [.., angle, channel]; flattening them as they lie costs
-    nothing, and the projection and statistics then take their rows in this order instead.
-    """
-    angle, c = np.divmod(np.arange(channels * num_angles), channels)
-    return c * num_angles + angle
+            merged.append([p])
+    return [g[0] if len(g) == 1 else jnp.concatenate(g, axis=-1) for g in merged]
 
 
 class PhaseCollapseBlock(nn.Module):
@@ -235,49 +194,19 @@ class PhaseCollapseBlock(nn.Module):
     precision: str = "highest"
     full_angles: bool = False  # orientations over 2 pi (REFERENCE.md 1.3)
 
-    def _rho(self, z: jax.Array, order: np.ndarray) -> jax.Array:
-        """rho(z); `order`: the index of each channel of z among the channels rho sees."""
+    def _rho(self, z: jax.Array) -> jax.Array:
         names = nonlinear.COMPLEX_NONLINEARITIES[self.nonlinearity]
         init = dict(DEFAULT_NONLINEARITY_INIT.get(self.nonlinearity, {}))
         init.update(self.nonlinearity_init or {})
         params = {}
         for name in names:
             if self.learn_nonlinearity:
-                params[name] = _take(
-                    self.param(f"rho_{name}", nn.initializers.constant(init[name]), (len(order),)),
-                    order,
+                params[name] = self.param(
+                    f"rho_{name}", nn.initializers.constant(init[name]), (z.shape[-1],)
                 )
             else:
                 params[name] = init[name]
         return nonlinear.apply_complex_nonlinearity(self.nonlinearity, z, **params)
-
-    def _parts(self, y: jax.Array, real_input: bool):
-        """Channel parts of R(W U) and the reference channel index of each of their channels.
-
-        y: the wavelet coefficients [b, h, w, K + 1, c] (low-pass first). Parts keep the
-        angle-major order in which the coefficients lie (no transpose); the reference's
-        channel order (low-pass, then c * L + angle) is applied to the small kernel and
-        statistics instead, which changes no value.
-        """
-        b, h, w, k1, c = y.shape
-        phi = y[..., 0, :].real if real_input else y[..., 0, :]
-        psi_order = angle_major_order(c, k1 - 1)
-        if self.block_type == "rho_psi":
-            psi = y[..., 1:, :].reshape(b, h, w, c * (k1 - 1))
-            return [phi, self._rho(psi, psi_order)], [np.arange(c), c + psi_order]
-        # rho sees the complex [phi ; psi]: all of y as it lies. The low-pass of a real image
-        # is real: its imaginary round-off is zeroed, as the reference promotes a real phi.
-        if real_input:
-            is_psi = (np.arange(k1) > 0)[:, None]
-            y = jax.lax.complex(y.real, jnp.where(is_psi, y.imag, 0.0))
-        lin = y.reshape(b, h, w, k1 * c)
-        lin_order = np.concatenate([np.arange(c), c + psi_order])
-        rho = self._rho(lin, lin_order)
-        rho_order = c * k1 + lin_order
-        if real_input:
-            psi = y[..., 1:, :].reshape(b, h, w, c * (k1 - 1))
-            return [phi, psi, rho], [np.arange(c), c + psi_order, rho_order]
-        return [lin, rho], [lin_order, rho_order]
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -286,7 +215,7 @@ class PhaseCollapseBlock(nn.Module):
                 f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
             )
         complex_ops.check_precision(self.precision)
-        y = wavelets.wavelet_coefficients(
+        phi, psi = wavelets.wavelet_transform(
             x,
             self.num_angles,
             self.filter_mode,
@@ -294,12 +223,17 @@ class PhaseCollapseBlock(nn.Module):
             precision=self.precision,
             full_angles=self.full_angles,
         )
-        parts, orders = self._parts(y, real_input=not jnp.iscomplexobj(x))
-        segments, orders = _merge_segments(parts, orders)
+        if self.block_type == "rho_psi":
+            parts = [phi, self._rho(psi)]
+        else:
+            # rho sees the complex concatenation [phi ; psi], as in the reference.
+            w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=-1)
+            parts = [phi, psi, self._rho(w)]
+        segments = _merge_segments(parts)
         stats = BatchStandardize(name="std", return_statistics=True)(
-            segments, use_running_average=not train, orders=orders
+            segments, use_running_average=not train
         )
-        z = ComplexProjection(self.features, self.precision, name="proj")(segments, stats, orders)
+        z = ComplexProjection(self.features, self.precision, name="proj")(segments, stats)
         return nonlinear.normalize_pixels(z)
 
 
