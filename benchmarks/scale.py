@@ -213,7 +213,14 @@ def write_markdown(rows: list[dict], command: str) -> None:
     ]
     lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
     lines += ["", NOTES]
-    Path(_OUT.value).write_text("\n".join(lines) + "\n")
+    out = Path(_OUT.value)
+    # The per-block tables below (benchmarks/scale_blocks.py) are kept as they are.
+    old = out.read_text() if out.exists() else ""
+    kept = old[old.index(PER_BLOCK) :] if PER_BLOCK in old else ""
+    out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
+
+
+PER_BLOCK = "## Per block"
 
 
 NOTES = """Estimated img/s: the compiler's estimate where positive (XLA's TPU estimate is not,

@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Every matmul of the model: "highest" (float32 products on every backend), "default" (the
     # backend's: TF32 on GPUs, one bf16 pass on TPUs) or "bf16" (bf16 operands, float32 sums).
     cfg.model.precision = "highest"
+    # Phase-collapse nets: recompute each block in the backward pass (less memory, more FLOPs).
+    cfg.model.remat = False
     set_model_preset(cfg, "cifar10/mod/rho_psi")
 
     cfg.data = ml_collections.ConfigDict()
@@ -274,6 +276,7 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
             not m.full_angles,
             "config.model.full_angles=True is for phase_collapse nets, not resnet18.",
         )
+        _require(not m.remat, "config.model.remat=True is for phase_collapse nets, not resnet18.")
         for p in NONLINEARITY_PARAMS:
             _require(
                 m[f"{p}_init"] is None,
@@ -365,6 +368,7 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
         "learn_nonlinearity": m.learn_nonlinearity,
         "wavelet_method": m.wavelet_method,
         "precision": m.precision,
+        "remat": bool(m.remat),
     }
 
 

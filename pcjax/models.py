@@ -42,6 +42,9 @@ class PhaseCollapseNet(nn.Module):
     wavelet_method: str = "auto"
     precision: str = "highest"  # matmul policy, one of layers.PRECISIONS
     backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
+    # Recompute each block's forward pass in the backward pass instead of keeping its
+    # intermediates: the step keeps only the block inputs (less memory, one more forward pass).
+    remat: bool = False
 
     def block_kwargs(self) -> list[dict[str, Any]]:
         """Constructor arguments of each `PhaseCollapseBlock`, in order (also for benchmarks)."""
@@ -65,8 +68,11 @@ class PhaseCollapseNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        block = layers.PhaseCollapseBlock
+        if self.remat:
+            block = nn.remat(block, static_argnums=(2,))  # (self, x, train): train is static
         for b, kwargs in enumerate(self.block_kwargs()):
-            x = layers.PhaseCollapseBlock(**kwargs, name=f"block{b}")(x, train)
+            x = block(**kwargs, name=f"block{b}")(x, train)
         return layers.Classifier(self.num_classes, self.precision, name="head")(x, train)
 
 

@@ -247,3 +247,14 @@ def test_expected_numbers_only_where_the_paper_gives_them():
     for table in (cifar10.EXPECTED_TEST_ERROR, imagenet.EXPECTED_ERROR):
         for value, source in table.values():
             assert ("poster" in source) if value is not None else source.startswith("unknown")
+
+
+def test_remat_is_a_phase_collapse_field():
+    cfg = imagenet.get_config("mod/rho_psi")
+    cfg.model.remat = True
+    config_lib.validate(cfg)
+    assert config_lib.build_model(cfg).remat
+    cfg = imagenet.get_config("resnet18/relu")
+    cfg.model.remat = True
+    with pytest.raises(config_lib.ConfigError, match=r"config.model.remat=True.*phase_collapse"):
+        config_lib.validate(cfg)

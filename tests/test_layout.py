@@ -1,0 +1,76 @@
+"""Layout guard: one phase-collapse block's compiled TPU traffic per image stays where it is.
+
+Compiles (never runs) one block's forward and backward pass for a compile-only TPU v5e chip,
+through libtpu's topology description, and bounds XLA's own count of the bytes the program
+accesses. A layout change that adds round trips of the block's largest arrays through HBM
+fails here. Skipped where libtpu cannot describe a TPU topology.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pcjax import layers
+
+# XLA:TPU bytes accessed per image of the block below (forward + backward, batch 8, the libtpu
+# of jax[tpu] 0.10.2): 86.2 MB measured (docs/scale.md, "Per block"), plus 20 %.
+BYTES_PER_IMAGE_BOUND = 1.2 * 86.2e6
+BATCH = 8
+
+
+def _tpu_device():
+    from jax.experimental import topologies
+
+    try:
+        topo = topologies.get_topology_desc(
+            platform="tpu",
+            topology_name="v5e:2x2",
+            chip_config_name="default",
+            chips_per_host_bounds=(2, 2, 1),
+            num_slices=1,
+        )
+    except Exception as error:  # no libtpu, or one that cannot build compile-only devices
+        pytest.skip(f"no compile-only TPU topology here: {error}")
+    return topo.devices[0]
+
+
+def block_bytes_per_image(device, block: layers.PhaseCollapseBlock, shape, batch: int) -> float:
+    """XLA's bytes accessed per image of `block`'s forward + backward pass compiled for `device`."""
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    x = jax.ShapeDtypeStruct((batch, *shape), jnp.complex64)
+    variables = jax.eval_shape(lambda x: block.init(jax.random.key(0), x, True), x)
+    y = jax.eval_shape(
+        lambda v, x: block.apply(v, x, True, mutable=["batch_stats"])[0], variables, x
+    )
+
+    def loss(v, x, ct):
+        out = block.apply(v, x, True, mutable=["batch_stats"])[0]
+        return jnp.real(jnp.vdot(ct, out))
+
+    def place(tree):
+        return jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
+        )
+
+    compiled = (
+        jax.jit(jax.grad(loss, argnums=(0, 1)))
+        .lower(place(variables), place(x), place(y))
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost["bytes accessed"] / batch
+
+
+def test_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
+    device = _tpu_device()
+    block = layers.PhaseCollapseBlock(
+        features=64,
+        num_angles=4,
+        filter_mode="factorized_even",
+        block_type="linear_plus_rho",
+        wavelet_method="matmul",
+    )
+    got = block_bytes_per_image(device, block, (16, 16, 32), BATCH)
+    assert 0 < got <= BYTES_PER_IMAGE_BOUND, got
