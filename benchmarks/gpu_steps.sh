@@ -21,9 +21,9 @@ while read -r dataset preset batch limit; do
     echo "exit $?" >>"$out/$name.txt"
     cat "$out/$name.txt"
 done <<'LIST'
-cifar10 mod/rho_psi 128 120
-cifar10 mod/linear_plus_rho 128 120
-imagenet resnet18/relu 32 120
-imagenet mod/rho_psi 32 150
-imagenet mod/linear_plus_rho 32 150
+cifar10 mod/rho_psi 128 90
+cifar10 mod/linear_plus_rho 128 90
+imagenet resnet18/relu 32 90
+imagenet mod/rho_psi 32 120
+imagenet mod/linear_plus_rho 32 120
 LIST
