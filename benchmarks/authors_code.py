@@ -3,7 +3,7 @@
 Used to measure pcjax side by side with it (`benchmarks/reference_step.py`) and to write the
 golden outputs (`tests/golden/generate_golden.py`). It is no dependency of pcjax and nothing of
 it is copied here: these helpers run under a separate Python with torch, numpy and scipy,
-against a checkout of 693647f with the two one-line fixes of REFERENCE.md 7.1.
+against a checkout of 693647f with the two one-line fixes of docs/spec.md 7.1.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 import types
 
-# The command lines of the authors' `run.py` for the models pcjax benchmarks (REFERENCE.md 3.8).
+# The command lines of the authors' `run.py` for the models pcjax benchmarks (docs/spec.md 3.8).
 CIFAR_FLAGS = ["--cifar10", "--factorize-filters", "0"]
 VARIANT_FLAGS = {"A": ["-a", "Fw Std Pc N", "--psi-arch", "mod"], "B": ["-a", "Fw rho Std Pc N"]}
 MOD_FLAGS = ["--scat-non-linearity", "mod", "--scat-non-linearity-learned", "0"]

@@ -21,8 +21,8 @@ while read -r dataset preset batch limit; do
     echo "exit $?" >>"$out/$name.txt"
     cat "$out/$name.txt"
 done <<'LIST'
-cifar10 mod/rho_psi 128 90
-cifar10 mod/linear_plus_rho 128 90
+cifar10 mod/rho_psi 128 180
+cifar10 mod/linear_plus_rho 128 180
 imagenet resnet18/relu 32 90
 imagenet mod/rho_psi 32 120
 imagenet mod/linear_plus_rho 32 120

@@ -259,7 +259,7 @@ def to_markdown(rows: list[dict], quick: bool, seconds: float) -> str:
         "Assumptions: the phase-collapse rate is 138 useful GFLOP per image per train step "
         "(docs/benchmarks/train_step.md) at 50% of a V100's 15.7 fp32 TFLOP/s; the ResNet-18 "
         "rate is a commonly reported mixed-precision V100 figure, not measured here. The "
-        "reference's hardware is not documented (REFERENCE.md).",
+        "reference's hardware is not documented (docs/spec.md 4.1).",
         "",
         "## Design choice",
         "",

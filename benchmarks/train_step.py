@@ -379,7 +379,7 @@ def check_reference(checkout: str, python: str, memory_gib: float) -> Reference:
     if not os.path.isfile(os.path.join(checkout, "main_block.py")):
         raise SystemExit(
             f"--reference {checkout}: no main_block.py there; pass a checkout of "
-            "FlorentinGuth/PhaseCollapse (REFERENCE.md 7.1 lists the two fixes it needs)."
+            "FlorentinGuth/PhaseCollapse (docs/spec.md 7.1 lists the two fixes it needs)."
         )
     try:
         probe = subprocess.run(

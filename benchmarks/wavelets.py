@@ -1,7 +1,7 @@
 """Benchmark of `pcjax.wavelets.wavelet_transform`: "fft" vs "spatial" on the paper's block inputs.
 
 Times the jit-compiled one-scale wavelet transform on every block input of the CIFAR-10 and
-ImageNet phase-collapse networks (REFERENCE.md section 3.7), with each method, plus kymatio's
+ImageNet phase-collapse networks (docs/spec.md 3.7), with each method, plus kymatio's
 JAX `Scattering2D` (J=1, first order) on the real block-0 images as a comparable-work row. Prints
 a Markdown table, writes it with a CSV next to it, and ends with a per-size recommendation that
 is checked against `pcjax.wavelets.SPATIAL_MAX_PIXELS` (the threshold of `method="auto"`).
@@ -91,7 +91,7 @@ class Row:
         return self.case.batch / (self.median_ms / 1e3)
 
 
-# (h, w, channels) of each block input (REFERENCE.md section 3.7); block 0 is the real image.
+# (h, w, channels) of each block input (docs/spec.md 3.7); block 0 is the real image.
 CIFAR_INPUTS = [
     (32, 32, 3),
     (32, 32, 64),

@@ -128,7 +128,7 @@ def semi_unitary_host(seed_words: np.ndarray, c_in: int, c_out: int) -> np.ndarr
 
 
 def semi_unitary_init(key: jax.Array, c_in: int, c_out: int) -> jax.Array:
-    """Semi-unitary complex projection as (Re, Im) pairs, float32[c_in, c_out, 2] (REFERENCE 3.4).
+    """Semi-unitary complex projection, float32[c_in, c_out, 2] (Re, Im) pairs (docs/spec.md 3.4).
 
     Computed on the host (`semi_unitary_host`: NumPy float64 SVD, then rounded once to float32)
     through `jax.pure_callback`, seeded by the words of `key`: the kernel is bit-identical on

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The full schema with CIFAR-10 phase-collapse defaults (REFERENCE.md 4.1)."""
+    """The full schema with CIFAR-10 phase-collapse defaults (docs/spec.md 4.1)."""
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
 
@@ -37,9 +37,9 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model.widths = (1,)  # channels per block (phase_collapse) or per stage (resnet18, 4)
     cfg.model.nonlinearity = "mod"  # phase_collapse: mod|cst|ms|mc|tanh|pow; resnet18: relu|...
     # Fields below apply to phase_collapse only.
-    cfg.model.block_type = "rho_psi"  # "rho_psi" | "linear_plus_rho" (REFERENCE.md 2.5)
+    cfg.model.block_type = "rho_psi"  # "rho_psi" | "linear_plus_rho" (docs/spec.md 2.5)
     cfg.model.num_angles = 8  # L, wavelet orientations per block
-    cfg.model.full_angles = False  # orientations over 2 pi and slant 8/L (REFERENCE.md 1.3)
+    cfg.model.full_angles = False  # orientations over 2 pi and slant 8/L (docs/spec.md 1.3)
     cfg.model.num_standard_blocks = 0  # blocks with the standard bank before factorised ones
     # Initial values of the non-linearity's parameters (None: the paper's: cst threshold 0.1,
     # ms/pow gain 1 and bias 0); allowed only for a non-linearity that has the parameter.

@@ -194,7 +194,7 @@ def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
     """On-device input normalisation: uint8 pixels -> `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`.
 
     CIFAR-10 and ImageNet batches arrive as uint8 (the authors normalise CIFAR-10 with the
-    ImageNet statistics too, REFERENCE.md §7.6); float batches (the digits sets, already
+    ImageNet statistics too, docs/spec.md §7.6); float batches (the digits sets, already
     standardised on the host) pass through unchanged. The dtype decides, statically under jit.
     """
     if images.dtype != jnp.uint8:

@@ -16,7 +16,7 @@ import numpy as np
 
 # The reference normalises Gabor filters by 2 * 3.1415 * sigma^2 / slant, with the literal 3.1415
 # rather than pi. It changes DC gains by ~3e-5 relative; kept so filters match the reference to
-# float64 round-off (REFERENCE.md section 1.1).
+# float64 round-off (docs/spec.md 1.1).
 REFERENCE_PI = 3.1415
 
 SIGMA0 = 0.8  # envelope width of the finest wavelet and of the standard low-pass
@@ -64,7 +64,7 @@ def morlet_2d(
 
 
 def angles(L: int, full_angles: bool = False) -> np.ndarray:
-    """Orientations theta_k = (int(L - L/2 - 1) - k) * A / L, k = 0..L-1 (REFERENCE.md 1.3).
+    """Orientations theta_k = (int(L - L/2 - 1) - k) * A / L, k = 0..L-1 (docs/spec.md 1.3).
 
     A = pi (the paper's runs: the wavelets tile a half-plane of frequencies) or, with
     `full_angles`, A = 2 pi (the whole plane: theta and theta + pi are both present for even L).
@@ -136,7 +136,7 @@ def _check_mode(mode: str) -> None:
 def filter_specs(
     L: int, mode: str, scales_per_octave: int = 1, full_angles: bool = False
 ) -> tuple[FilterSpec, ...]:
-    """The wavelets (theta-minor within each scale) then the low-pass of a bank (REFERENCE.md 1.3).
+    """The wavelets (theta-minor within each scale) then the low-pass of a bank (docs/spec.md 1.3).
 
     Modes: "standard" (Morlet sigma = 0.8 * 2^j, xi = 3pi/4 / 2^j for j in {0, 1/S, ..}, low-pass
     sigma 0.8, subsamples), "factorized_even" (psi_1: sigma 0.8, xi 3pi/4; low-pass phi_1/2 of

@@ -17,7 +17,7 @@ from pcjax import complex_ops, nonlinear, wavelets
 
 BLOCK_TYPES = ("rho_psi", "linear_plus_rho")
 PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.complex_ops`
-# Initial values of learned non-linearity parameters in the paper's runs (REFERENCE.md 3.8).
+# Initial values of learned non-linearity parameters in the paper's runs (docs/spec.md 3.8).
 DEFAULT_NONLINEARITY_INIT: dict[str, dict[str, float]] = {
     "cst": {"threshold": 0.1},
     "ms": {"gain": 1.0, "bias": 0.0},
@@ -175,7 +175,7 @@ def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
 class PhaseCollapseBlock(nn.Module):
     """One block U -> N(Pc(Std(R(W U)))) with fixed wavelets W and non-linearity rho.
 
-    `block_type` says what R keeps (REFERENCE.md 2.5, 3.2):
+    `block_type` says what R keeps (docs/spec.md 2.5, 3.2):
       * "rho_psi":         [phi*U ; rho(psi*U)] (the low-pass stays linear; the reference's
                            `--psi-arch mod`, labelled `skip=True` in its run list);
       * "linear_plus_rho": [phi*U ; psi*U ; rho(phi*U) ; rho(psi*U)] (linear coefficients carried
@@ -192,7 +192,7 @@ class PhaseCollapseBlock(nn.Module):
     learn_nonlinearity: bool = True
     wavelet_method: str = "auto"
     precision: str = "highest"
-    full_angles: bool = False  # orientations over 2 pi (REFERENCE.md 1.3)
+    full_angles: bool = False  # orientations over 2 pi (docs/spec.md 1.3)
     backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
 
     def _rho(self, z: jax.Array) -> jax.Array:

@@ -27,7 +27,7 @@ class PhaseCollapseNet(nn.Module):
 
     Input: float32[batch, h, w, channels] (normalised images). Block b uses the standard filter
     bank if b < `num_standard_blocks`, then factorised banks alternating even/odd
-    (REFERENCE.md 1.3); each block's output is a unit-norm complex tensor of `widths[b]` channels.
+    (docs/spec.md 1.3); each block's output is a unit-norm complex tensor of `widths[b]` channels.
     """
 
     widths: Sequence[int]
@@ -76,7 +76,7 @@ class PhaseCollapseNet(nn.Module):
         return layers.Classifier(self.num_classes, self.precision, name="head")(x, train)
 
 
-# --- Bias-free ResNet-18 baselines (REFERENCE.md 3.9) -------------------------------------------
+# --- Bias-free ResNet-18 baselines (docs/spec.md 3.9) -------------------------------------------
 
 # Kaiming-normal, fan_out, ReLU gain: PyTorch's ResNet conv initialisation.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")

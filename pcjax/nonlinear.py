@@ -1,6 +1,6 @@
 """Point-wise non-linearities: the phase collapse (modulus) and its phase-preserving rivals.
 
-Complex non-linearities of REFERENCE.md section 2.4 act on the modulus only,
+Complex non-linearities of docs/spec.md 2.4 act on the modulus only,
 rho(z) = f(|z|) z / (|z| + eps), so they keep the phase; the modulus |z| discards it. Real
 non-linearities are those of the bias-free ResNet baselines (section 3.9). Every function here
 has finite gradients everywhere, at z = 0 included.

@@ -1,4 +1,4 @@
-"""Per-example image preprocessing in TensorFlow: the augmentations of REFERENCE.md §4.
+"""Per-example image preprocessing in TensorFlow: the augmentations of docs/spec.md §4.
 
 Pure functions of one example and a stateless seed, used by `pcjax.input_pipeline` inside
 tf.data maps. CIFAR-10 and ImageNet images come out as uint8 in [0, 255] (the resized ImageNet
@@ -20,7 +20,7 @@ from absl import logging
 
 from pcjax.datasets import IMAGENET_MEAN, IMAGENET_STD
 
-# torchvision's RandomResizedCrop defaults (REFERENCE.md §4.1).
+# torchvision's RandomResizedCrop defaults (docs/spec.md §4.1).
 CROP_AREA_RANGE = (0.08, 1.0)
 CROP_ASPECT_RANGE = (3.0 / 4.0, 4.0 / 3.0)
 CROP_MAX_ATTEMPTS = 10
@@ -42,7 +42,7 @@ def hide_accelerators_from_tf() -> None:
 def normalize(image: tf.Tensor) -> tf.Tensor:
     """Maps a float image in [0, 1] to `(image - IMAGENET_MEAN) / IMAGENET_STD` channel-wise.
 
-    The authors normalise CIFAR-10 with the ImageNet statistics too (REFERENCE.md §7.6).
+    The authors normalise CIFAR-10 with the ImageNet statistics too (docs/spec.md §7.6).
 
     Args:
         image: float32[h, w, 3] in [0, 1].

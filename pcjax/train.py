@@ -1,14 +1,14 @@
 """Training and evaluation: explicit state, one jitted data-parallel step, resume by default.
 
 Public vocabulary: `TrainState`, `create_train_state`, `train_step`, `eval_step`, `evaluate`,
-`train_and_evaluate(config, workdir)`. The recipe is REFERENCE.md 4: cross-entropy, SGD with
+`train_and_evaluate(config, workdir)`. The recipe is docs/spec.md 4: cross-entropy, SGD with
 momentum 0.9 (no Nesterov), coupled L2 weight decay on every parameter, step learning-rate
 decay by epoch.
 
 Parallelism: the state is replicated and the batch sharded over a 1-D "data" mesh of every
 device of every process; `train_step` is written for the global batch and XLA inserts the
 all-reduces. Batch statistics (Std, BatchNorm) are therefore those of the *global* batch, where
-the reference's `DataParallel` used per-GPU sub-batches (REFERENCE.md 7.5).
+the reference's `DataParallel` used per-GPU sub-batches (docs/spec.md 7.5).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """One-scale wavelet transform of a block: reflect pad, filter, subsample, crop (pure JAX).
 
 For an input U: [batch, h, w, channels] (real or complex) the transform returns the low-pass
-phi * U and the L wavelet coefficients psi_theta * U (REFERENCE.md section 2.2):
+phi * U and the L wavelet coefficients psi_theta * U (docs/spec.md 2.2):
 
 1. reflect-pad each spatial axis from M to Mp = 2 (floor((M + 2) / 2) + 1) samples;
 2. circular convolution on the padded grid, computed in the Fourier domain with the bank's real
@@ -204,7 +204,7 @@ def axis_matrices(m: int, subsample: bool) -> tuple[np.ndarray, np.ndarray]:
     Returns F complex64[Mp, m] = DFT_Mp @ (reflect padding), and G complex64[m', Mp] = the rows
     of the inverse DFT (1 / Mp normalisation) at the output samples kept: index 2 (j + 1) when
     subsampling (decimate, then crop 1), j + 2 otherwise (crop 2). Decimating the inverse DFT's
-    output equals folding the spectrum (REFERENCE.md 2.2).
+    output equals folding the spectrum (docs/spec.md 2.2).
     """
     mp = padded_size(m)
     pad = np.pad(np.eye(m), (pad_widths(m), (0, 0)), mode="reflect")  # [Mp, m]

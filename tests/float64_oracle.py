@@ -40,7 +40,7 @@ def wavelet(x: np.ndarray, num_angles: int, mode: str) -> tuple[np.ndarray, np.n
 
 
 def rho(name: str, z: np.ndarray, params: dict) -> np.ndarray:
-    """The complex non-linearities of REFERENCE.md 2.4 (eps 1e-6)."""
+    """The complex non-linearities of docs/spec.md 2.4 (eps 1e-6)."""
     r = np.abs(z)
     if name == "mod":
         return r

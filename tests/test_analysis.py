@@ -420,7 +420,7 @@ def test_separation_gradient_float64_features():
         g = jax.jit(jax.grad(f))(x)
         d = jax.random.normal(jax.random.key(2), x.shape, jnp.complex128)
         # JAX's gradient of a real f wrt complex z is g = df/dRe z - i df/dIm z (the conjugate of
-        # PyTorch's, REFERENCE.md 7.4), so the derivative along d is Re g Re d - Im g Im d.
+        # PyTorch's, docs/spec.md 7.4), so the derivative along d is Re g Re d - Im g Im d.
         analytic = float(jnp.sum(g.real * d.real - g.imag * d.imag))
         h = 1e-5
         fd = (float(f(x + h * d)) - float(f(x - h * d))) / (2 * h)

@@ -1,6 +1,6 @@
-"""Filter banks against an independent float64 NumPy transcription of REFERENCE.md section 1.
+"""Filter banks against an independent float64 NumPy transcription of docs/spec.md 1.
 
-The oracle below is written from the formulas of REFERENCE.md 1.1-1.3 (explicit 5x5
+The oracle below is written from the formulas of docs/spec.md 1.1-1.3 (explicit 5x5
 periodisation loop, quadratic form R diag(1, s^2) R^T / (2 sigma^2), Z = 2 * 3.1415 * sigma^2 / s,
 Morlet correction K = sum(g_xi) / sum(g_0)) and never calls `pcjax.filters` to build filters.
 """
@@ -13,12 +13,12 @@ import pytest
 from pcjax import filters
 
 # --------------------------------------------------------------------------------------------
-# Oracle: REFERENCE.md section 1, transcribed independently in float64.
+# Oracle: docs/spec.md 1, transcribed independently in float64.
 # --------------------------------------------------------------------------------------------
 
 
 def _oracle_gabor(P, Q, sigma, theta, xi, slant=1.0):
-    """Periodised Gabor on the P x Q grid, complex128 (REFERENCE.md 1.1)."""
+    """Periodised Gabor on the P x Q grid, complex128 (docs/spec.md 1.1)."""
     c, s = math.cos(theta), math.sin(theta)
     rot = np.array([[c, -s], [s, c]])
     # Quadratic form R diag(1, s^2) R^T / (2 sigma^2); the cross term is (A01 + A10) x y.
@@ -36,14 +36,14 @@ def _oracle_gabor(P, Q, sigma, theta, xi, slant=1.0):
 
 
 def _oracle_morlet(P, Q, sigma, theta, xi, slant=1.0):
-    """psi = g_xi - K g_0 with K = sum(g_xi) / sum(g_0) (REFERENCE.md 1.2)."""
+    """psi = g_xi - K g_0 with K = sum(g_xi) / sum(g_0) (docs/spec.md 1.2)."""
     g_xi = _oracle_gabor(P, Q, sigma, theta, xi, slant)
     g_0 = _oracle_gabor(P, Q, sigma, theta, 0.0, slant)
     return g_xi - g_xi.sum() / g_0.sum() * g_0
 
 
 def _oracle_params(L, mode, full_angles=False):
-    """(thetas, wavelet (sigma, xi, slant), low-pass sigma, subsample) of REFERENCE.md 1.3.
+    """(thetas, wavelet (sigma, xi, slant), low-pass sigma, subsample) of docs/spec.md 1.3.
 
     Full angles: max_angle 2 pi instead of pi and slant 8 / L instead of 4 / L.
     """
@@ -85,7 +85,7 @@ def test_angles_L4():
 
 
 def test_full_angles_L16_and_L8():
-    # REFERENCE.md 1.3 with full_angles: theta_k = (L/2 - 1 - k) 2 pi / L, slant 8 / L.
+    # docs/spec.md 1.3 with full_angles: theta_k = (L/2 - 1 - k) 2 pi / L, slant 8 / L.
     want = np.pi / 8 * np.arange(7, -9, -1)  # 7pi/8, 6pi/8, ..., -pi
     np.testing.assert_allclose(filters.angles(16, full_angles=True), want, rtol=0, atol=1e-15)
     assert filters.default_slant(16, full_angles=True) == 0.5
@@ -124,7 +124,7 @@ def test_filter_specs_match_reference_table(L, full_angles, mode):
 
 
 def test_factorized_odd_slant_values():
-    # REFERENCE.md 1.3: s' = sqrt(0.2) for L = 8 (s = 0.5), s' = 1 for L = 4.
+    # docs/spec.md 1.3: s' = sqrt(0.2) for L = 8 (s = 0.5), s' = 1 for L = 4.
     assert filters.filter_specs(8, "factorized_odd")[0].slant == pytest.approx(
         math.sqrt(0.2), rel=1e-14
     )
@@ -227,7 +227,7 @@ def test_gabor_and_morlet_functions_match_oracle():
 
 
 # --------------------------------------------------------------------------------------------
-# REFERENCE.md 1.6 table.
+# docs/spec.md 1.6 table.
 # --------------------------------------------------------------------------------------------
 
 # (mode, L, P, phi_hat(0), phi_hat(pi, pi), {k: (max, (w_row, w_col))}, min over all psi_hat),
@@ -281,7 +281,7 @@ def test_reference_table_values(mode, L, P, phi0, phi_pi, maxima, psi_min):
 
 
 def test_theta_zero_oscillates_along_rows():
-    # REFERENCE.md 1.6: theta = 0 has frequency vector (xi, 0) in (row, column) order, positive.
+    # docs/spec.md 1.6: theta = 0 has frequency vector (xi, 0) in (row, column) order, positive.
     bank = filters.filter_bank(36, 20, 4, "factorized_even")
     k = list(filters.angles(4)).index(0.0)
     i, j = np.unravel_index(np.argmax(bank.psi_hat[k]), bank.psi_hat[k].shape)

@@ -70,7 +70,7 @@ def _np_std(z):
 @pytest.mark.parametrize("rho", ["mod", "cst"])
 @pytest.mark.parametrize("complex_input", [False, True])
 def test_block_equals_composition(block_type, rho, complex_input):
-    """The block is N(Pc(Std(R(W U)))) with R's channel order of REFERENCE.md 7.4.
+    """The block is N(Pc(Std(R(W U)))) with R's channel order of docs/spec.md 7.4.
 
     Every stored array (projection rows, rho's thresholds, running statistics) is filled with
     distinct random values and indexed in that order, in train and in eval mode: a block that

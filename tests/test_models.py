@@ -1,4 +1,4 @@
-"""Every registered network: parameter counts and per-block shapes of REFERENCE.md 3.7, and
+"""Every registered network: parameter counts and per-block shapes of docs/spec.md 3.7, and
 finite gradients (zero inputs included)."""
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 
 from pcjax import models
 
-# REFERENCE.md 3.7 / 3.9: total real parameters (complex weights count twice).
+# docs/spec.md 3.7 / 3.9: total real parameters (complex weights count twice).
 EXPECTED_PARAMS = {
     "cifar10/mod/rho_psi": 12_251_018,
     "cifar10/mod/linear_plus_rho": 24_459_018,

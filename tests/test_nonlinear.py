@@ -16,7 +16,7 @@ def _random_complex(rng, shape, scale=1.0):
     )
 
 
-# Independent float64 transcriptions of REFERENCE.md section 2.4.
+# Independent float64 transcriptions of docs/spec.md 2.4.
 def _oracle(name, z, p):
     r = np.abs(z)
     if name == "mod":

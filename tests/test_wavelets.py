@@ -1,8 +1,8 @@
-"""Wavelet transform against an independent float64 NumPy oracle (REFERENCE.md sections 2.1-2.3).
+"""Wavelet transform against an independent float64 NumPy oracle (docs/spec.mds 2.1-2.3).
 
 The oracle pads with `np.pad(mode="reflect")`, convolves circularly on the padded grid directly
 in space (no FFT), decimates y[2m, 2n] and crops. Filters come from its own transcription of
-REFERENCE.md section 1 (not from `pcjax.filters`). The spatial and matmul paths run at the
+docs/spec.md 1 (not from `pcjax.filters`). The spatial and matmul paths run at the
 "highest" precision policy (the default; float32 products on every backend).
 """
 
@@ -22,7 +22,7 @@ from pcjax import filters, wavelets
 
 
 def _oracle_gabor(P, Q, sigma, theta, xi, slant=1.0):
-    """Periodised Gabor of REFERENCE.md 1.1 (5x5 translates, Z = 2 * 3.1415 * sigma^2 / s)."""
+    """Periodised Gabor of docs/spec.md 1.1 (5x5 translates, Z = 2 * 3.1415 * sigma^2 / s)."""
     c, s = math.cos(theta), math.sin(theta)
     g = np.zeros((P, Q), dtype=np.complex128)
     for a in range(-2, 3):
@@ -84,7 +84,7 @@ def _oracle_padded(m):
 
 
 def _oracle_transform(x, L, mode):
-    """float64 reference of REFERENCE.md 2.1-2.3: phi [b, h', w', c], psi [b, h', w', c * L]."""
+    """float64 reference of docs/spec.md 2.1-2.3: phi [b, h', w', c], psi [b, h', w', c * L]."""
     x = np.asarray(x).astype(np.complex128)
     _, h, w, c = x.shape
     P, pad_h = _oracle_padded(h)
@@ -152,7 +152,7 @@ def test_transform_matches_oracle(size, L, mode, complex_input):
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
 @pytest.mark.parametrize("m", [4, 6, 7, 8, 9, 16, 32])
 def test_output_size_rule(m, mode):
-    # REFERENCE.md 2.2: even M -> M or M/2; odd M -> M - 1 or (M - 1)/2.
+    # docs/spec.md 2.2: even M -> M or M/2; odd M -> M - 1 or (M - 1)/2.
     subsample = mode != "factorized_even"
     even = m - m % 2
     want = even // 2 if subsample else even
@@ -238,7 +238,7 @@ def _oracle_transform_fft(x, L, mode):
     return outs[-1], psi.reshape(*psi.shape[:3], c * L)
 
 
-# Every (input size, filter mode, L, real input) of the paper's two networks (REFERENCE.md 3.7).
+# Every (input size, filter mode, L, real input) of the paper's two networks (docs/spec.md 3.7).
 CIFAR_BLOCKS = [
     (m, mode, 4, b == 0)
     for b, (m, mode) in enumerate(
@@ -329,7 +329,7 @@ def test_bad_arguments_raise_with_value():
 
 
 # --------------------------------------------------------------------------------------------
-# Chained block shapes (REFERENCE.md 3.7), abstract evaluation only.
+# Chained block shapes (docs/spec.md 3.7), abstract evaluation only.
 # --------------------------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Layer-by-layer class-separation analysis: capture, statistics, neural collapse, probes.
 
-The paper's exact separation measures are unknown (REFERENCE.md 6.1), so the measures below are
-a documented **[choice]**: the "natural, unambiguous set" of REFERENCE.md 6.1, computed on the
+The paper's exact separation measures are unknown (docs/spec.md 6.1), so the measures below are
+a documented **[choice]**: the "natural, unambiguous set" of docs/spec.md 6.1, computed on the
 output U_k of each block (or any other captured module output).
 
 Conventions used throughout:
@@ -19,7 +19,7 @@ Conventions used throughout:
       tr(Sigma_T) = (1/N) sum_i ||u_i - mu||^2 = tr(Sigma_W) + tr(Sigma_B).
 
   On class-balanced data (CIFAR-10, the ImageNet validation set) this equals the
-  class-balanced average E_y of REFERENCE.md 6.1; the ImageNet training set is mildly
+  class-balanced average E_y of docs/spec.md 6.1; the ImageNet training set is mildly
   unbalanced (732 to 1300 images per class), where the two differ slightly.
 * Fisher ratio = tr(Sigma_W) / tr(Sigma_B): **lower is better separated** (classes concentrated
   around means that are far apart). Its inverse tr(Sigma_B) / tr(Sigma_W) is reported as

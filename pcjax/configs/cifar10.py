@@ -1,4 +1,4 @@
-"""CIFAR-10 phase-collapse runs of the reference's run list (REFERENCE.md 3.8, 4.1).
+"""CIFAR-10 phase-collapse runs of the reference's run list (docs/spec.md 3.8, 4.1).
 
 Presets "<non-linearity>/<block type>", non-linearity in {mod, cst, ms, mc, tanh} (Table 2; `mod`
 rows are Table 1) and block type in {rho_psi, linear_plus_rho} (the reference's `skip=True` /

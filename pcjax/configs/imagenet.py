@@ -1,13 +1,13 @@
 """ImageNet runs: phase-collapse nets (Table 1) and bias-free ResNet-18 baselines (Table 3).
 
 Presets:
-  * "<non-linearity>/<block type>" for the 11-block phase-collapse nets (REFERENCE.md 3.7, 4.1):
+  * "<non-linearity>/<block type>" for the 11-block phase-collapse nets (docs/spec.md 3.7, 4.1):
     "mod/rho_psi" and "mod/linear_plus_rho" are the paper's runs; cst/ms/mc/tanh also build.
     Recipe: L = 8, standard filters in block 0 then factorised, widths
     32 64 64 128 256 512 512 512 512 512 256, SGD lr 0.01 momentum 0.9 wd 1e-4, batch 128,
     150 epochs, lr x0.1 every 45 epochs.
   * "resnet18/<non-linearity>", non-linearity in {relu, abs, thresh, tanh, powfixed}
-    (REFERENCE.md 3.9, 4.2): batch 256, lr 0.1, 90 epochs, lr x0.1 every 30 epochs.
+    (docs/spec.md 3.9, 4.2): batch 256, lr 0.1, 90 epochs, lr x0.1 every 30 epochs.
   Append ",smoke" for a 2-step check on tiny widths and 64x64 crops.
 
     python experiments/imagenet.py --config=pcjax/configs/imagenet.py:mod/rho_psi \

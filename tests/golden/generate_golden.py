@@ -3,7 +3,7 @@
     python tests/golden/generate_golden.py /path/to/PhaseCollapse [--out tests/golden/...npz]
 
 Needs a checkout of FlorentinGuth/PhaseCollapse at 693647f with the two one-line fixes of
-REFERENCE.md 7.1 applied (`handle_param` keeps None; "tanh" among the argparse choices), and a
+docs/spec.md 7.1 applied (`handle_param` keeps None; "tanh" among the argparse choices), and a
 separate environment with torch (2.13.0 CPU was used), numpy and scipy. The authors' code is
 imported from that checkout and never copied here. torchvision and tensorboard, imported by
 their scripts for data loading and logging only, are replaced by empty modules.
