@@ -317,11 +317,14 @@ def _config(name, data_dir):
 
 @pytest.mark.parametrize("name", ["cifar10", "imagenet2012"])
 def test_validation_gives_the_prepare_command(tmp_path, name):
+    """A data_dir that does not exist is named as missing (never "already prepared in the
+    TFRECORD format"), followed by the command that prepares it."""
     with pytest.raises(
         config_lib.ConfigError,
-        match=rf"(?s)not prepared.*tfds build {name} --file_format=array_record",
-    ):
+        match=rf"(?s)is not in data_dir=.*empty.*tfds build {name} --file_format=array_record",
+    ) as caught:
         config_lib.validate_data(_config(name, str(tmp_path / "empty")))
+    assert "TFRECORD" not in str(caught.value).upper()
 
 
 def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path):
