@@ -11,18 +11,15 @@ import argparse
 import functools
 import os
 import shutil
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
-
-from pcjax import checkpoint, checksums, config_lib, data, train  # noqa: E402
-from pcjax.configs import imagenet  # noqa: E402
+from pcjax import checkpoint, checksums, config_lib, data, train
+from pcjax.configs import imagenet
 
 
 def _state(preset: str):

@@ -26,7 +26,6 @@ from pathlib import Path
 from absl import app, flags
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pcjax import compile_only, compile_report, datasets, targets  # noqa: E402

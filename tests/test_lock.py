@@ -39,10 +39,8 @@ def race(base: str, trials: int, sync, env=None, contenders: int = 2) -> list[li
     ]
     try:
         for k in range(trials):
-            deadline = time.monotonic() + 300
             while not all((sync / f"ready_{k}_{i}").exists() for i in range(contenders)):
                 assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-                assert time.monotonic() < deadline
                 time.sleep(0.001)
             (sync / f"go_{k}").touch()
         outs = [p.communicate(timeout=300) for p in procs]

@@ -76,16 +76,21 @@ def _steps(workdir):
     )
 
 
+def _wait_for_checkpoint(procs, workdir, step: int = 2) -> None:
+    """Returns once a checkpoint of `step` or later exists; fails if a process ends first (a
+    hang is left to the test timeout)."""
+    while not any(s >= step for s in _steps(workdir)):
+        if any(p.poll() is not None for p in procs):
+            results = _wait(procs)
+            raise AssertionError(f"no checkpoint: {[log[-2000:] for _, log in results]}")
+        time.sleep(0.2)
+
+
 @pytest.mark.slow
 def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
     wd = tmp_path / "wd"
     procs = _launch(wd, 100000, tmp_path)  # never ends by itself
-    deadline = time.time() + 600
-    while not any(s >= 2 for s in _steps(wd)):
-        if time.time() > deadline or any(p.poll() is not None for p in procs):
-            results = _wait(procs)
-            raise AssertionError(f"no checkpoint: {[log[-2000:] for _, log in results]}")
-        time.sleep(0.2)
+    _wait_for_checkpoint(procs, wd)
     procs[1].send_signal(signal.SIGTERM)  # one process only
     results = _wait(procs)
     saved = _steps(wd)[-1]

@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from test_multiprocess import _launch, _steps, _wait
+from test_multiprocess import _launch, _steps, _wait, _wait_for_checkpoint
 
 from pcjax import train
 
@@ -14,12 +14,7 @@ from pcjax import train
 def test_sigterm_to_every_process_at_once(tmp_path):
     wd = tmp_path / "wd"
     procs = _launch(wd, 100000, tmp_path)
-    deadline = time.time() + 600
-    while not any(s >= 2 for s in _steps(wd)):
-        if time.time() > deadline or any(p.poll() is not None for p in procs):
-            results = _wait(procs)
-            raise AssertionError(f"no checkpoint: {[log[-2000:] for _, log in results]}")
-        time.sleep(0.2)
+    _wait_for_checkpoint(procs, wd)
     for proc in procs:
         proc.send_signal(signal.SIGTERM)
     sent = time.monotonic()
