@@ -8,7 +8,6 @@ them; a restore with and without verifying them. Prints one Markdown table row p
 """
 
 import argparse
-import functools
 import os
 import shutil
 import tempfile
@@ -18,17 +17,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pcjax import checkpoint, checksums, config_lib, data, train
+from pcjax import checkpoint, checksums, datasets, sharding, train
 from pcjax.configs import imagenet
 
 
 def _state(preset: str):
     cfg = imagenet.get_config(preset)
-    model = config_lib.build_model(cfg)
-    tx = train.create_optimizer(cfg, steps_per_epoch=1000)
-    shape = data.image_shape(cfg.data.name, cfg.data.image_size)
-    init = functools.partial(train.create_train_state, model, tx, image_shape=shape)
-    abstract = jax.eval_shape(init, jax.random.key(0))
+    shape = datasets.image_shape(cfg.data.name, cfg.data.image_size)
+    steps = train.build_steps(cfg, sharding.make_mesh(), 1000, shape)  # the trainer's state
+    abstract = jax.eval_shape(steps.init, jax.random.key(0))
     rng = np.random.default_rng(0)
     return jax.tree.map(
         lambda s: jax.numpy.asarray(rng.standard_normal(s.shape).astype(s.dtype)), abstract

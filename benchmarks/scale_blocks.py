@@ -31,20 +31,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcjax import layers, models  # noqa: E402
+from pcjax import layers, models, targets  # noqa: E402
 
 
-def tpu_device(topology: str = "v5e:2x2"):
-    """One compile-only device of a TPU slice described by libtpu on this (CPU) host."""
-    from jax.experimental import topologies
-
-    return topologies.get_topology_desc(
-        platform="tpu",
-        topology_name=topology,
-        chip_config_name="default",
-        chips_per_host_bounds=(2, 2, 1),
-        num_slices=1,
-    ).devices[0]
+def tpu_device():
+    """One compile-only chip of a v5e 2x2 slice (pcjax.targets; a missing libtpu: the install
+    line)."""
+    return targets.devices(targets.get_target("v5e-4"))[0]
 
 
 def block_inputs(model_name: str, batch: int, **overrides):

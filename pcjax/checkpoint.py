@@ -237,7 +237,8 @@ def set_aside(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"pcjax_set_aside_{folder}")
-    manager.reload()
+    if steps:  # the manager's list of steps changed
+        manager.reload()
 
 
 def save(

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pcjax import config_lib, datasets, sharding, targets, train
+from pcjax import checkpoint, config_lib, datasets, sharding, targets, train
 
 LOCAL = "local"  # the devices this process sees: compile, then run the step too
 _SIZE = re.compile(r"([\d.]+)\s*([KMGT]i?B?|B)?\b")
@@ -138,10 +138,9 @@ def batch_structs(config, mesh, global_batch: int, eval_batch: bool) -> dict:
 
 
 def _steps(config, mesh) -> train.Steps:
-    spec = datasets.spec(config.data.name)
-    steps_per_epoch = max(1, spec.num_train_examples // config.data.global_batch_size)
+    per_epoch = train.steps_per_epoch(config, datasets.spec(config.data.name).num_train_examples)
     shape = datasets.image_shape(config.data.name, config.data.image_size)
-    return train.build_steps(config, mesh, steps_per_epoch, shape)
+    return train.build_steps(config, mesh, per_epoch, shape)
 
 
 def state_struct(steps: train.Steps, mesh) -> Any:
@@ -219,14 +218,21 @@ def _costs(lowered, compiled, num_devices: int) -> tuple[float, float, float | N
 
 
 def compile_step(
-    config, setup: Setup, which: str, per_device_batch: int | None = None, cache: Any = None
+    config,
+    setup: Setup,
+    which: str,
+    per_device_batch: int | None = None,
+    cache: Any = None,
+    steps: train.Steps | None = None,
+    state: Any = None,
 ):
     """Compiles the train or eval step of `config` on `setup`; (StepReport, compiled, steps).
 
     Raises DoesNotFit when the compiler refuses the program, or, where the compiler does not
     check (GPU), when the total exceeds the datasheet's HBM. With `cache` (`get(key)`,
     `put(key, StepReport | DoesNotFit)`, the key a hash of the lowered program), a program
-    compiled before is not compiled again (then `compiled` is None).
+    compiled before is not compiled again (then `compiled` is None). `steps` and `state`
+    (`_steps`, `state_struct` of this config and mesh) are built when not given.
     """
     mesh = setup.mesh
     d = config.data
@@ -234,8 +240,8 @@ def compile_step(
     batch = batch or d.global_batch_size
     if per_device_batch is not None:
         batch = per_device_batch * mesh.size
-    steps = _steps(config, mesh)
-    state = state_struct(steps, mesh)
+    steps = steps or _steps(config, mesh)
+    state = state if state is not None else state_struct(steps, mesh)
     fn = steps.train_step if which == "train" else steps.eval_step
     tick = time.perf_counter()
     lowered = fn.lower(state, batch_structs(config, mesh, batch, which == "eval"))
@@ -436,18 +442,18 @@ def run(config: ml_collections.ConfigDict, name: str, repeats: int = 5) -> Resul
     """
     setup = setup_target(name)
     config_lib.validate(config, device_count=setup.mesh.size, process_count=setup.hosts)
+    steps = _steps(config, setup.mesh)  # one model and one state trace for both steps
+    state = state_struct(steps, setup.mesh)
     reports = {}
     for which in ("train", "eval"):
         try:
-            report, compiled, steps = compile_step(config, setup, which)
+            report, compiled, _ = compile_step(config, setup, which, steps=steps, state=state)
         except DoesNotFit as error:
             raise OutOfMemory(_oom_answer(config, setup, which, error)) from None
         if setup.real and which == "train":
             report.measured_seconds = measure(config, setup, compiled, steps, repeats)
         reports[which] = report
-    params = jax.eval_shape(steps.init, jax.random.key(0)).params
-    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    return Result(config, setup, reports, param_bytes)
+    return Result(config, setup, reports, checkpoint.state_bytes(state.params))
 
 
 def check(config: ml_collections.ConfigDict, name: str, repeats: int = 5) -> str:

@@ -218,11 +218,12 @@ def open_source(
         return ArraySource(*toy_data.load_split(name, split, image_size))
     import tensorflow_datasets as tfds
 
+    builder = None
     try:
         builder = tfds.builder(name, data_dir=data_dir)
         return builder.as_data_source(split=split, decoders=_tfds_decoders(name))
     except Exception as error:  # any failure to open is reported with the fix
-        folder = getattr(locals().get("builder"), "data_dir", None)
+        folder = getattr(builder, "data_dir", None)
         if folder is not None and not tf.io.gfile.exists(folder):  # TFDS's own text misleads
             raise DataNotPreparedError(
                 f"Dataset {name!r} is not in data_dir={data_dir or DEFAULT_DATA_DIR} (no folder "

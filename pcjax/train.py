@@ -192,12 +192,17 @@ def evaluate(
     return metrics.finalize(jax.device_get(total))
 
 
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """Train steps in one epoch: an epoch's last partial batch is dropped."""
+    return max(1, num_train_examples // config.data.global_batch_size)
+
+
 def _steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, num_steps, eval_every_steps); an epoch's last partial batch is dropped."""
-    steps_per_epoch = max(1, num_train_examples // config.data.global_batch_size)
-    num_steps = config.train.num_steps or config.optim.num_epochs * steps_per_epoch
-    eval_every = config.train.eval_every_steps or steps_per_epoch
-    return steps_per_epoch, num_steps, eval_every
+    """(steps_per_epoch, num_steps, eval_every_steps)."""
+    per_epoch = steps_per_epoch(config, num_train_examples)
+    num_steps = config.train.num_steps or config.optim.num_epochs * per_epoch
+    eval_every = config.train.eval_every_steps or per_epoch
+    return per_epoch, num_steps, eval_every
 
 
 class _Stopper:
@@ -468,13 +473,12 @@ class _Loop:
         self.pending: list[dict[str, jax.Array]] = []
         self.tick = time.perf_counter()
         self.eval_metrics: dict[str, float] = dict(run.loop_state.get("eval", {}))
-        self.evaluated_at: int | None = None
         t = run.config.train
         self.monitor = health.SpikeMonitor(
             window=t.spike_window,
             factor=t.spike_factor,
             patience=t.spike_patience,
-            num_classes=datasets.DATASETS[run.config.data.name].num_classes,
+            num_classes=datasets.num_classes(run.config.data.name),
             state=run.loop_state.get("health"),
         )
         self.deferred: int | None = None  # onset of the spike whose saves were held back
@@ -489,7 +493,6 @@ class _Loop:
             verdict = self.monitor.observe(step - len(fetched) + i + 1, m)
             if verdict.diverged:
                 self._diverged(verdict, m)
-        self.run.loop_state["health"] = self.monitor.state()
         self.last_metrics = fetched[-1]
         keys = [k for k in fetched[0] if k != "finite"]
         summary = {f"train/{k}": float(np.mean([m[k] for m in fetched])) for k in keys}
@@ -540,11 +543,11 @@ class _Loop:
         scalars = {f"eval/{k}": v for k, v in self.eval_metrics.items()}
         run.writer.write_scalars(step, {**scalars, "eval/best_top1": best})
         self.tick = time.perf_counter()
-        self.evaluated_at = step
 
-    def save(self, step: int, stop: bool = False) -> None:
+    def save(self, step: int, stop: bool = False, evaluated: bool = False) -> None:
         """Saves `step`, unless a loss spike is open (a preemption saves anyway: the spike's
-        onset travels in the checkpoint, and a divergence sets it aside later)."""
+        onset travels in the checkpoint, and a divergence sets it aside later). `evaluated`:
+        the eval metrics are those of `step` (they rank the checkpoint for keep-best)."""
         spike = self.monitor.spike
         if spike is not None and not stop:
             if self.deferred != spike["onset"]:
@@ -555,7 +558,8 @@ class _Loop:
                 )
                 self.deferred = spike["onset"]
             return
-        top1 = self.eval_metrics.get("top1") if self.evaluated_at == step else None
+        top1 = self.eval_metrics.get("top1") if evaluated else None
+        self.run.loop_state["health"] = self.monitor.state()
         manager = self.run.manager
         checkpoint.check_free_space(manager.directory, self.run.state, step)
         try:
@@ -579,7 +583,7 @@ class _Loop:
         if due_eval:
             self.evaluate(step)
         if due_ckpt:
-            self.save(step, stop)
+            self.save(step, stop, evaluated=due_eval)
 
 
 def train_loop(run: Run) -> dict[str, float]:
@@ -607,8 +611,7 @@ def train_loop(run: Run) -> dict[str, float]:
         loop.monitor.peak,
         run.config.train.spike_factor,
     )
-    if not stop and loop.monitor.open_spike:  # the run ended inside a spike
-        loop.flush(step)
+    if not stop and loop.monitor.open_spike:  # the run ended inside a spike (all flushed)
         loop._diverged(loop.monitor.confirm(), loop.last_metrics)
     with jax.transfer_guard("allow"):
         run.manager.wait_until_finished()
