@@ -201,8 +201,15 @@ def _parser(default_config: str, app):
             print(flags.FLAGS.module_help(__name__))
             print(flags.FLAGS.module_help("ml_collections.config_flags.config_flags"))
             sys.exit(0)
+        from absl import flags
+
         try:  # with --config=FILE, ml_collections applies the --config.* overrides here
-            return app.parse_flags_with_usage(argv)
+            return flags.FLAGS(argv)
+        except flags.Error as error:  # absl would print the config file's whole traceback
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            if "parsing config file" in lines[0]:  # the config's own error is its last line
+                sys.exit(f"error: ConfigError: {lines[-1]}")
+            sys.exit(f"error: {lines[0]} (see --help)")
         except (KeyError, AttributeError, ValueError, TypeError) as error:
             sys.exit(f"error: ConfigError: {_bad_override(argv[1:], error)}")
 

@@ -39,6 +39,16 @@ def test_an_unknown_config_key_is_one_line_with_the_valid_keys(tmp_path):
 
 
 @pytest.mark.slow
+def test_an_unknown_preset_or_flag_is_one_line(tmp_path):
+    out = _cli("experiments/quickstart.py", "--config=pcjax/configs/digits.py:nosuch")
+    line = _one_error_line(out)
+    assert "Unknown preset 'nosuch'" in line and "'default'" in line
+    out = _cli("experiments/quickstart.py", f"--workdir={tmp_path}/w", "--no_such_flag=1")
+    assert "no_such_flag" in _one_error_line(out)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.slow
 def test_a_missing_data_folder_is_named_with_the_command_that_prepares_it(tmp_path):
     out = _cli(
         "experiments/cifar10.py", f"--workdir={tmp_path}/w", f"--config.data.data_dir={tmp_path}/no"
