@@ -32,8 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from timing import compiled_flops  # noqa: E402
 
-from pcjax import layers, models  # noqa: E402
-from tests import float64_oracle as oracle  # noqa: E402
+from pcjax.nn import layers, models  # noqa: E402
+from tests.support import float64_oracle as oracle  # noqa: E402
 
 # Dense datasheet peaks, TFLOP/s, per precision policy (highest = float32 non-tensor-core on
 # GPUs, 6 bf16 passes on TPUs; default = TF32 / one bf16 pass). Unknown devices print "n/a".

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax import layers, models
-from tests import float64_oracle as oracle
+from pcjax.nn import layers, models
+from tests.support import float64_oracle as oracle
 
 
 def block_errors(

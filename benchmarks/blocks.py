@@ -11,7 +11,7 @@ output w.r.t. the block's parameters and, after block 0, its input, as in the fu
 FLOPs are XLA's cost analysis of each compiled program. "At peak" is the time those FLOPs would
 take at the fp32 matmul peak measured in the same run; the rest of a block's time is the
 per-element work around its projection matmul (wavelet transform, modulus, statistics, packing
-and layout copies). CPU runs use the trainer's host-memory setting (`pcjax.host_memory`).
+and layout copies). CPU runs use the trainer's host-memory setting (`pcjax.training.host_memory`).
 Prints a Markdown table and writes it, with a CSV, under docs/benchmarks/ unless --quick.
 """
 
@@ -33,7 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from timing import compile_fn, compiled_flops, matmul_peak_gflops, time_fn  # noqa: E402
 
-from pcjax import host_memory, layers, models  # noqa: E402
+from pcjax.nn import layers, models  # noqa: E402
+from pcjax.training import host_memory  # noqa: E402
 
 
 def measure_blocks(model_name: str, batch: int, min_runs: int) -> list[dict]:
@@ -114,7 +115,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed calls per program (median)")
     parser.add_argument("--out", help="Markdown path (default: docs/benchmarks/blocks_<name>.md)")
     args = parser.parse_args()
-    host_memory.reuse_step_memory()  # before JAX starts its backends, as pcjax.train.run does
+    host_memory.reuse_step_memory()  # before JAX starts its backends, as launch.run does
     model_name = "digits/mod/rho_psi" if args.quick else args.model
     batch = 8 if args.quick else (args.batch or (16 if model_name.startswith("imagenet") else 128))
     rows = measure_blocks(model_name, batch, args.runs)

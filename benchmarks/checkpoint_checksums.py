@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pcjax import checkpoint, checksums, datasets, sharding, train
 from pcjax.configs import imagenet
+from pcjax.data import datasets
+from pcjax.training import checkpoint, checksums, sharding, train
 
 
 def _state(preset: str):

@@ -3,7 +3,7 @@
     python benchmarks/input_pipeline.py        # -> docs/benchmarks/input_pipeline.md (~2-3 min)
     python benchmarks/input_pipeline.py --quick --out /tmp/x.md
 
-Data: synthetic TFDS cifar10 and imagenet2012 (`pcjax.synthetic_tfds`: real builders, files in a
+Data: synthetic TFDS cifar10 and imagenet2012 (`support.synthetic_tfds`: real builders, files in a
 temporary directory) prepared twice, as array_record (read by the new pipeline) and as TFRecord
 (read by the former one). ImageNet images are smooth colour fields with pixel noise, sized around
 ImageNet's mean 350 x 400 (normal, sd 70 x 90, clipped to 120..800), JPEG-encoded by TFDS.
@@ -39,7 +39,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
-from pcjax import datasets, input_pipeline, preprocessing, synthetic_tfds  # noqa: E402
+from pcjax.data import datasets, input_pipeline, preprocessing  # noqa: E402
+from tests.support import synthetic_tfds  # noqa: E402
 
 # Assumed train-step rates of one accelerator (images/s), for the "cores to feed" column.
 # (1) pcjax's ImageNet phase-collapse net: 138 useful GFLOP per image per train step
@@ -263,7 +264,7 @@ def to_markdown(rows: list[dict], quick: bool, seconds: float) -> str:
         "",
         "## Design choice",
         "",
-        "The pipeline (`pcjax/input_pipeline.py`) keeps tf.data as the executor and replaces its "
+        "The pipeline (`data/input_pipeline.py`) keeps tf.data as the executor and replaces its "
         "stream with a NumPy index sampler over random-access array_record sources: the global "
         "batch of step s is `permutation(seed, epoch)[pos : pos + B]`, each process reads its "
         "rows one record at a time inside a `tf.numpy_function`, and the per-example TF "

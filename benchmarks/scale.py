@@ -28,8 +28,9 @@ from absl import app, flags
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from pcjax import compile_only, compile_report, datasets, targets  # noqa: E402
+from pcjax.accelerators import compile_only, compile_report, targets  # noqa: E402
 from pcjax.configs import cifar10, imagenet  # noqa: E402
+from pcjax.data import datasets  # noqa: E402
 
 PRESETS = (
     "cifar10:mod/rho_psi",
@@ -49,7 +50,7 @@ FIELDS = (
 )  # fmt: skip
 
 _PRESETS = flags.DEFINE_multi_string("preset", list(PRESETS), "FILE:PRESET (repeatable).")
-_TARGETS = flags.DEFINE_list("targets", list(TARGETS), "Target names (pcjax.targets).")
+_TARGETS = flags.DEFINE_list("targets", list(TARGETS), "Target names (pcjax.accelerators.targets).")
 _LARGEST = flags.DEFINE_bool("largest", True, "Search the largest per-chip batch.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the cached compiles.")
 _CSV = flags.DEFINE_string("csv", str(ROOT / "docs" / "scale.csv"), "Compile cache.")
@@ -205,7 +206,7 @@ def write_markdown(rows: list[dict], command: str) -> None:
         "",
         f"Command: `{command}`  ",
         f"Date: {datetime.date.today()}; jax {_version('jax')}, libtpu {_version('libtpu')}; "
-        "compiled on a CPU machine with `--compile_for`'s code (`pcjax.compile_only`).",
+        "compiled on a CPU machine with `--compile_for`'s code (`accelerators.compile_only`).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -224,7 +225,7 @@ PER_BLOCK = "## Per block"
 
 NOTES = """Estimated img/s: the compiler's estimate where positive (XLA's TPU estimate is not,
 for these train steps), else the roofline max(FLOPs / peak, HBM bytes / bandwidth) per chip
-from the datasheet (`pcjax.targets`: float32 products at precision "highest" taken as six bf16
+from the datasheet (`accelerators.targets`: fp32 products at precision "highest" taken as six bf16
 passes on TPUs, the float32 units on GPUs); no overlap, input or all-reduce time. Wall time:
 the paper's epochs over the training set at that rate. Host cores: the slice's rate per host
 over the input pipeline's training img/s per core (docs/benchmarks/input_pipeline.md: ImageNet

@@ -31,11 +31,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pcjax import layers, models, targets  # noqa: E402
+from pcjax.accelerators import targets  # noqa: E402
+from pcjax.nn import layers, models  # noqa: E402
 
 
 def tpu_device():
-    """One compile-only chip of a v5e 2x2 slice (pcjax.targets; a missing libtpu: the install
+    """One compile-only chip of a v5e 2x2 slice (accelerators.targets; a missing libtpu: the install
     line)."""
     return targets.devices(targets.get_target("v5e-4"))[0]
 

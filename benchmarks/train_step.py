@@ -16,17 +16,17 @@ setting on one machine moved by up to 38 % between sessions.
 Host memory (`--host-memory`): XLA:CPU allocates a step's temporaries afresh on every call
 (2.5 GB for the CIFAR variant-B train step), and glibc maps them anew each time, so with 4 KiB
 pages the kernel takes about 615,000 page faults per step (docs/benchmarks/README.md, "Host
-memory"). `reuse` (the default, as `pcjax.train.run` runs on CPU) keeps freed memory mapped
-and runs CPU steps synchronously (`pcjax.host_memory`), so each step reuses the last one's
+memory"). `reuse` (the default, as `launch.run` runs on CPU) keeps freed memory mapped
+and runs CPU steps synchronously (`pcjax.training.host_memory`), so each step reuses the last one's
 pages; `hugepages` runs each row's process with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 instead
 (transparent huge pages: about two thousand faults per step); `default` is glibc's default.
 Each setting writes its own table.
 
 Each row runs in its own subprocess so its peak RSS is its own. Train rows are the median of
 `--steps` timed steps after `WARMUP_STEPS` untimed ones. The train step is exactly
-`pcjax.train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
-state) on random data; eval is `pcjax.train.eval_step`; the input pipeline is
-`pcjax.data.create_train_dataset` (CIFAR-10 rows: the digits stream at 32x32 stands in, since
+`train.train_step` (forward, loss, backward, SGD with momentum and weight decay, donated
+state) on random data; eval is `pcjax.training.train.eval_step`; the input pipeline is
+`input_pipeline.create_train_dataset` (CIFAR-10 rows: the digits stream at 32x32 stands in, since
 CIFAR-10 cannot be downloaded here; ImageNet rows: synthetic 500x375 JPEGs through the same
 preprocessing function, see `_imagenet_input_ips`). FLOPs come
 from XLA's cost analysis of the compiled step (as executed), and "useful" FLOPs count each
@@ -64,7 +64,7 @@ from timing import compiled_flops, matmul_peak_gflops  # noqa: E402
 # Measured side by side with this script on this 2-core machine, 2026-11-24/25, under the
 # equivalent host-memory setting (keyed by --host-memory): "reuse" ran the reference with
 # GLIBC_TUNABLES=glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=<SIZE_MAX>:
-# glibc.malloc.arena_max=1, the settings `pcjax.host_memory.keep_freed_memory` makes (eager
+# glibc.malloc.arena_max=1, the settings `pcjax.training.host_memory.keep_freed_memory` makes (eager
 # PyTorch has no asynchronous dispatch to turn off). Allocation speeds the reference up too,
 # so each setting has its own figures.
 REFERENCE = {
@@ -102,7 +102,7 @@ REFERENCE_EARLIER = {
 WARMUP_STEPS = 3
 # Speed-up targets over the reference timed in the same run.
 TRAIN_TARGET, EVAL_TARGET = 4.0, 3.0
-# glibc tunables that give the reference's process what `pcjax.host_memory.keep_freed_memory`
+# glibc tunables that give the reference's process what `training.host_memory.keep_freed_memory`
 # gives pcjax's ("reuse"; eager PyTorch has no asynchronous dispatch to turn off).
 KEEP_FREED_TUNABLES = (
     "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=18446744073709551615:"
@@ -125,7 +125,7 @@ def _useful_projection_flops(model_name: str, image_shape: tuple[int, int, int])
     import jax
     import jax.numpy as jnp
 
-    from pcjax import models
+    from pcjax.nn import models
 
     spec = models.get_model_spec(model_name)
     model = spec.build()
@@ -156,13 +156,13 @@ def _imagenet_input_ips(batch: int, num_images: int = 256) -> float:
     """Host preprocessing rate of the ImageNet train pipeline on synthetic 500x375 JPEGs.
 
     The real dataset cannot be downloaded here; the JPEGs go through the same per-example
-    function (`data.imagenet_train_preprocess`: crop-window decode, resize, flip, normalise),
+    function (`imagenet_train_preprocess`: crop-window decode, resize, flip, normalise),
     parallel map, batching and prefetch as the TFDS pipeline.
     """
     import numpy as np
     import tensorflow as tf
 
-    from pcjax import data as data_lib
+    from pcjax.data import preprocessing
 
     rng = np.random.default_rng(0)
     jpegs = [
@@ -170,7 +170,7 @@ def _imagenet_input_ips(batch: int, num_images: int = 256) -> float:
     ]
     ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().enumerate()
     ds = ds.map(
-        lambda i, j: data_lib.imagenet_train_preprocess(j, tf.stack([i, i + 1])),
+        lambda i, j: preprocessing.imagenet_train_preprocess(j, tf.stack([i, i + 1])),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     it = ds.batch(batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE).as_numpy_iterator()
@@ -184,20 +184,22 @@ def _imagenet_input_ips(batch: int, num_images: int = 256) -> float:
 
 def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     """Runs in a subprocess: times train, eval and input for one model row."""
-    from pcjax import host_memory
+    from pcjax.training import host_memory
 
-    # As pcjax.train.run does on CPU, before the backend starts.
+    # As pcjax.training.launch.run does on CPU, before the backend starts.
     if host_memory_setting == "reuse" and not host_memory.reuse_step_memory():
         raise RuntimeError("--host-memory reuse could not be applied (needs glibc on CPU)")
     import jax
     import numpy as np
 
-    from pcjax import config_lib, models, sharding, train
+    from pcjax.configs import schema
+    from pcjax.nn import models
+    from pcjax.training import sharding, train
 
     model_name, _ = ROWS[row]
     spec = models.get_model_spec(model_name)
     model = spec.build()
-    cfg = config_lib.default_config()
+    cfg = schema.default_config()
     tx = train.create_optimizer(cfg, steps_per_epoch=100)
     lr_fn = train.learning_rate_schedule(cfg, 100)
     mesh = sharding.make_mesh()
@@ -223,7 +225,7 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     compiled = step.lower(state, data).compile()
     compile_s = time.perf_counter() - t
     train_flops = compiled_flops(compiled) / batch
-    # Warm-up: the first steps also settle the host heap (pcjax.host_memory), which can grow
+    # Warm-up: the first steps also settle the host heap (training.host_memory), which can grow
     # once by a whole temporary buffer before every later step reuses it.
     for _ in range(WARMUP_STEPS):
         state, m = compiled(state, data)
@@ -260,9 +262,9 @@ def measure(row: str, batch: int, steps: int, host_memory_setting: str) -> dict:
     if row.startswith("imagenet"):
         input_ips = _imagenet_input_ips(batch)
     if row.startswith("cifar"):
-        from pcjax import data as data_lib
+        from pcjax.data import input_pipeline
 
-        it = data_lib.create_train_dataset(
+        it = input_pipeline.create_train_dataset(
             "digits", global_batch_size=batch, seed=0, image_size=32
         ).as_numpy_iterator()
         next(it)
@@ -297,7 +299,7 @@ HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
 HOST_MEMORY = {
     "reuse": (
         "train_step.md",
-        "freed memory kept mapped and CPU steps run synchronously (pcjax.host_memory)",
+        "freed memory kept mapped and CPU steps run synchronously (pcjax.training.host_memory)",
     ),
     "hugepages": (
         "train_step_hugepages.md",

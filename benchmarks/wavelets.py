@@ -1,10 +1,10 @@
-"""Benchmark of `pcjax.wavelets.wavelet_transform`: "fft" vs "spatial" on the paper's block inputs.
+"""Benchmark of `wavelets.wavelet_transform`: "fft" vs "spatial" on the paper's block inputs.
 
 Times the jit-compiled one-scale wavelet transform on every block input of the CIFAR-10 and
 ImageNet phase-collapse networks (docs/spec.md 3.7), with each method, plus kymatio's
 JAX `Scattering2D` (J=1, first order) on the real block-0 images as a comparable-work row. Prints
 a Markdown table, writes it with a CSV next to it, and ends with a per-size recommendation that
-is checked against `pcjax.wavelets.SPATIAL_MAX_PIXELS` (the threshold of `method="auto"`).
+is checked against `pcjax.nn.wavelets.SPATIAL_MAX_PIXELS` (the threshold of `method="auto"`).
 
 Usage (from the repository root):
     .venv/bin/python benchmarks/wavelets.py [--quick] [--out docs/benchmarks/wavelets.md]
@@ -35,7 +35,7 @@ import jaxlib
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # for `timing` when run as a script
 from timing import compile_fn, time_interleaved  # noqa: E402
 
-from pcjax import filters, wavelets  # noqa: E402
+from pcjax.nn import filters, wavelets  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "docs" / "benchmarks" / "wavelets.md"

@@ -5,10 +5,8 @@
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pcjax import cli  # noqa: E402
+from pcjax.training import cli
 
 if __name__ == "__main__":
     cli.main(

@@ -7,10 +7,8 @@ ImageNet must be prepared for TFDS beforehand (manual download). See the config 
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pcjax import cli  # noqa: E402
+from pcjax.training import cli
 
 if __name__ == "__main__":
     cli.main(

@@ -6,10 +6,8 @@ Rerunning the same command resumes from the last checkpoint in the workdir.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from pcjax import cli  # noqa: E402
+from pcjax.training import cli
 
 if __name__ == "__main__":
     cli.main(os.path.join(os.path.dirname(__file__), "..", "pcjax", "configs", "digits.py"))

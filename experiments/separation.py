@@ -30,10 +30,13 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pcjax import analysis, configs
+from pcjax.configs import digits_canvas, schema
+from pcjax.data import datasets, digits
+from pcjax.nn import layers, models
+from pcjax.training import metrics, train
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from pcjax import analysis, config_lib, configs, data, datasets, layers, metrics, models, train  # noqa: E402
-from pcjax.configs import digits_canvas  # noqa: E402
 
 DEFAULT_OUTPUT_DIR = ROOT / "docs" / "separation"
 NONLINEARITIES = models.TABLE2_NONLINEARITIES  # ("mod", "cst", "ms", "mc", "tanh")
@@ -59,8 +62,8 @@ def carve_validation(
 
 def load_splits(config: Any, validation_fraction: float) -> dict[str, tuple[np.ndarray, ...]]:
     """{"fit", "val", "test"}: the digits-canvas train split carved into fit + validation."""
-    size = config.data.image_size or data.DATASETS[config.data.name].image_size
-    splits = data.load_digits_canvas_split(size)
+    size = config.data.image_size or datasets.DATASETS[config.data.name].image_size
+    splits = digits.load_digits_canvas_split(size)
     fit, val = carve_validation(*splits["train"], validation_fraction)
     return {"fit": fit, "val": val, "test": splits["test"]}
 
@@ -86,7 +89,7 @@ def run_config(base: Any, rho: str, block_type: str, lr: float, seed: int) -> An
     config.model.nonlinearity, config.model.block_type = rho, block_type
     config.optim.learning_rate = float(lr)
     config.seed = int(seed)
-    config_lib.validate(config)
+    schema.validate(config)
     return config
 
 
@@ -98,7 +101,7 @@ def run_name(rho: str, block_type: str, lr: float, seed: int) -> str:
 def _compiled(model: Any, optim: tuple, steps_per_epoch: int, image_shape: tuple) -> tuple:
     """(init, step, eval) jitted once per network and recipe, shared by every rate and seed.
 
-    The optimiser is the trainer's (`pcjax.train.create_optimizer`: coupled weight decay, SGD
+    The optimiser is the trainer's (`train.create_optimizer`: coupled weight decay, SGD
     with momentum, step decay) with the base rate factored out into a trailing
     `optax.scale`, whose factor is a state value (`optax.inject_hyperparams`): the update
     -lr0 * decay(step) * momentum_buffer is the same, and changing lr0 does not recompile.
@@ -139,7 +142,7 @@ def train_one(
     if not train_missing:
         return None
     tick = time.perf_counter()
-    model = config_lib.build_model(config)
+    model = schema.build_model(config)
     (x_fit, y_fit) = splits["fit"]
     batch = config.data.global_batch_size
     steps_per_epoch = max(1, len(y_fit) // batch)
@@ -206,8 +209,8 @@ def load_run_variables(config: Any, run_dir: Path) -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
 
-    model = config_lib.build_model(config)
-    size = config.data.image_size or data.DATASETS[config.data.name].image_size
+    model = schema.build_model(config)
+    size = config.data.image_size or datasets.DATASETS[config.data.name].image_size
     x = jnp.zeros((1, size, size, 1))
     target = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     target = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), dict(target))
@@ -277,7 +280,7 @@ def analyse_run(config: Any, run_dir: Path, splits: Mapping[str, Any]) -> dict[s
     cached = run_dir / "analysis.json"
     if cached.exists():
         return json.loads(cached.read_text())
-    model = config_lib.build_model(config)
+    model = schema.build_model(config)
     variables = load_run_variables(config, run_dir)
     x_fit, y_fit = splits["fit"]
     x_test, y_test = splits["test"]
@@ -544,7 +547,7 @@ def write_markdown(
         for net in networks.values()
         for r in {id(x): x for x in [*net["grid"].values(), *net["seeds"]]}.values()
     )
-    size = base.data.image_size or data.DATASETS[base.data.name].image_size
+    size = base.data.image_size or datasets.DATASETS[base.data.name].image_size
     num_runs = sum(len(n["grid"]) + len(n["seeds"]) - 1 for n in networks.values())
     lines = [
         "# Separation study: phase collapse vs phase-preserving thresholdings",

@@ -13,7 +13,7 @@ import time
 
 from etils import epath
 
-from pcjax import workdir
+from pcjax.training import workdir
 
 
 def _wait_for(path: str) -> None:

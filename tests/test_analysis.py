@@ -10,7 +10,8 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from pcjax import analysis, models
+from pcjax import analysis
+from pcjax.nn import models
 
 NUM_CLASSES = 4
 IMAGE_SHAPE = (8, 8, 1)

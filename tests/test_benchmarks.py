@@ -28,10 +28,13 @@ def test_child_environment_adds_and_removes_the_tunable(monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.tcache_count=0:glibc.malloc.hugetlb=0")
     on = bench.child_environment("hugepages")["GLIBC_TUNABLES"].split(":")
     assert on == ["glibc.malloc.tcache_count=0", "glibc.malloc.hugetlb=1"]
-    for setting in ("reuse", "default"):  # reuse is set inside the process (pcjax.host_memory)
+    for setting in (
+        "reuse",
+        "default",
+    ):  # reuse is set inside the process (pcjax.training.host_memory)
         off = bench.child_environment(setting)["GLIBC_TUNABLES"].split(":")
         assert off == ["glibc.malloc.tcache_count=0"]
-    # The reference's process gets the glibc equivalent of pcjax.host_memory under "reuse".
+    # The reference's process gets the glibc equivalent of pcjax.training.host_memory under "reuse".
     ref = bench.child_environment("reuse", reference=True)["GLIBC_TUNABLES"].split(":")
     assert ref == ["glibc.malloc.tcache_count=0", *bench.KEEP_FREED_TUNABLES.split(":")]
     assert "glibc.malloc.arena_max=1" in ref and "glibc.malloc.mmap_max=0" in ref

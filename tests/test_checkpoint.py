@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import checkpoint
+from pcjax.training import checkpoint
 
 
 def _state(rng: np.random.Generator) -> dict:

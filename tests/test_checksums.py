@@ -10,11 +10,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from pcjax import checkpoint, checksums
+from pcjax.training import checkpoint, checksums
 
 
 def _oracle(x: np.ndarray) -> tuple[int, int]:
-    """The two sums of pcjax.checksums in Python integers, from the raw bytes."""
+    """The two sums of pcjax.training.checksums in Python integers, from the raw bytes."""
     x = np.ascontiguousarray(x)
     if x.dtype == np.bool_:
         x = x.astype(np.uint8)

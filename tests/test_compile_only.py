@@ -13,8 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import compile_only, compile_report, config_lib, datasets, sharding, targets, train
-from pcjax.configs import cifar10, digits
+from pcjax.accelerators import compile_only, compile_report, targets
+from pcjax.configs import cifar10, digits, schema
+from pcjax.data import datasets
+from pcjax.training import sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -213,7 +215,7 @@ def test_notebook_config_fits_a_colab_v5e_chip():
     """The Colab notebook trains digits.get_config() on one chip (Colab's TPU runtime)."""
     _tpu_devices("v5e-1")
     config = digits.get_config()
-    config_lib.validate(config, device_count=1)
+    schema.validate(config, device_count=1)
     result = compile_only.run(config, "v5e-1")
     _assert_report_positive(result)
     assert result.reports["train"].total_bytes < targets.CHIPS["v5e"].hbm_bytes

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from pcjax import complex_ops
+from pcjax.nn import complex_ops
 
 
 def test_pair_roundtrip_and_interleave():

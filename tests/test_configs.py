@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import test_models  # tests/ is on sys.path under pytest: the registry's parameter counts
 
-from pcjax import config_lib, models
-from pcjax.configs import cifar10, digits, digits_canvas, imagenet
+from pcjax.configs import cifar10, digits, digits_canvas, imagenet, schema
+from pcjax.nn import models
 
 
 @pytest.mark.parametrize("module", [cifar10, imagenet])
@@ -15,7 +15,7 @@ def test_every_preset_validates(module):
     for preset in module.PRESETS:
         for suffix in ("", ",smoke"):
             cfg = module.get_config(preset + suffix)
-            config_lib.validate(cfg, device_count=8)
+            schema.validate(cfg, device_count=8)
             assert cfg.model.name.endswith(preset)  # the preset label
 
 
@@ -46,7 +46,7 @@ def test_reference_recipes():
         r.optim.num_epochs,
         r.optim.lr_decay_epochs,
     ) == ("resnet18/thresh", 256, 0.1, 90, 30)
-    config_lib.validate(digits.get_config(), device_count=8)
+    schema.validate(digits.get_config(), device_count=8)
 
 
 @pytest.mark.parametrize("module", [cifar10, imagenet, digits, digits_canvas])
@@ -85,8 +85,8 @@ def test_config_files_load_through_config_flags():
     fv(argv)
     cfg = fv.config
     assert cfg.model.name == "cifar10/cst/linear_plus_rho" and cfg.train.num_steps == 2
-    config_lib.validate(cfg)
-    model = config_lib.build_model(cfg)
+    schema.validate(cfg)
+    model = schema.build_model(cfg)
     assert (model.widths, model.num_angles) == ((16, 16, 32), 8)
     assert model.nonlinearity_init == {"threshold": 0.5}
     with pytest.raises(ValueError, match="valid choices"):
@@ -97,7 +97,7 @@ def test_config_files_load_through_config_flags():
 
 
 def _param_count(config) -> int:
-    model = config_lib.build_model(config)
+    model = schema.build_model(config)
     size = config.data.image_size or {"cifar10": 32, "imagenet2012": 224}[config.data.name]
     x = jnp.zeros((1, size, size, 3))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
@@ -116,9 +116,9 @@ def _param_count(config) -> int:
 )
 def test_preset_fields_build_the_registry_network(module, preset, registry):
     cfg = module.get_config(preset)
-    config_lib.validate(cfg)
+    schema.validate(cfg)
     assert cfg.model.name == registry
-    built = config_lib.build_model(cfg)
+    built = schema.build_model(cfg)
     assert built == models.build_model(registry)  # flax modules compare by their fields
     assert _param_count(cfg) == test_models.EXPECTED_PARAMS[registry]
 
@@ -126,8 +126,8 @@ def test_preset_fields_build_the_registry_network(module, preset, registry):
 def test_override_num_angles_on_cifar_preset_builds_and_runs():
     cfg = cifar10.get_config("mod/rho_psi")
     cfg.model.num_angles = 8
-    config_lib.validate(cfg)
-    model = config_lib.build_model(cfg)
+    schema.validate(cfg)
+    model = schema.build_model(cfg)
     assert model.num_angles == 8 and all(k["num_angles"] == 8 for k in model.block_kwargs())
     # Each projection maps (L + 1) C_in channels to C_out complex ones (2 reals per weight), so
     # L = 8 instead of 4 adds 2 * 4 * C_in * C_out real parameters per block.
@@ -136,7 +136,7 @@ def test_override_num_angles_on_cifar_preset_builds_and_runs():
     extra = sum(2 * 4 * i * o for i, o in zip(c_in, c_out, strict=True))
     assert _param_count(cfg) - test_models.EXPECTED_PARAMS["cifar10/mod/rho_psi"] == extra
     cfg.model.widths = (4, 4)  # forward on real data at a width the test can afford
-    model = config_lib.build_model(cfg)
+    model = schema.build_model(cfg)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     variables = model.init(jax.random.key(0), x, train=False)
     logits = model.apply(variables, x, train=False)
@@ -156,8 +156,8 @@ def test_every_field_reaches_the_network():
         wavelet_method="fft",
         precision="bf16",
     )
-    config_lib.validate(cfg)
-    model = config_lib.build_model(cfg)
+    schema.validate(cfg)
+    model = schema.build_model(cfg)
     assert (model.widths, model.num_angles, model.full_angles, model.num_standard_blocks) == (
         (8, 16, 16),
         6,
@@ -181,18 +181,18 @@ def test_every_field_reaches_the_network():
     cfg.model.learn_nonlinearity = True
     x = jnp.ones((1, 32, 32, 3))
     params = jax.eval_shape(
-        lambda: config_lib.build_model(cfg).init(jax.random.key(0), x, train=False)
+        lambda: schema.build_model(cfg).init(jax.random.key(0), x, train=False)
     )["params"]
     assert "rho_threshold" in params["block0"]
-    init = config_lib.build_model(cfg).init(jax.random.key(0), x, train=False)["params"]
+    init = schema.build_model(cfg).init(jax.random.key(0), x, train=False)["params"]
     np.testing.assert_allclose(init["block1"]["rho_threshold"], 0.3)
 
 
 def test_resnet_arch_on_cifar_builds():
     cfg = cifar10.get_config("mod/rho_psi")
     cfg.model.update(arch="resnet18", widths=(4, 8, 8, 8), nonlinearity="thresh")
-    config_lib.validate(cfg)
-    model = config_lib.build_model(cfg)
+    schema.validate(cfg)
+    model = schema.build_model(cfg)
     assert isinstance(model, models.ResNet18) and model.num_classes == 10
 
 
@@ -218,14 +218,14 @@ def test_resnet_arch_on_cifar_builds():
 def test_impossible_models_rejected_before_building(fields, message):
     cfg = cifar10.get_config("mod/rho_psi")
     cfg.model.update(fields)
-    with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(cfg)
+    with pytest.raises(schema.ConfigError, match=message):
+        schema.validate(cfg)
 
 
 def test_full_angle_presets():
     for rho_bt in cifar10.NETWORKS:
         cfg = cifar10.get_config(rho_bt + "/L16_full")
-        config_lib.validate(cfg)
+        schema.validate(cfg)
         assert (cfg.model.num_angles, cfg.model.full_angles) == (16, True)
         assert cfg.model.name == f"cifar10/{rho_bt}/L16_full"
         base = cifar10.get_config(rho_bt)
@@ -252,9 +252,9 @@ def test_expected_numbers_only_where_the_paper_gives_them():
 def test_remat_is_a_phase_collapse_field():
     cfg = imagenet.get_config("mod/rho_psi")
     cfg.model.remat = True
-    config_lib.validate(cfg)
-    assert config_lib.build_model(cfg).remat
+    schema.validate(cfg)
+    assert schema.build_model(cfg).remat
     cfg = imagenet.get_config("resnet18/relu")
     cfg.model.remat = True
-    with pytest.raises(config_lib.ConfigError, match=r"config.model.remat=True.*phase_collapse"):
-        config_lib.validate(cfg)
+    with pytest.raises(schema.ConfigError, match=r"config.model.remat=True.*phase_collapse"):
+        schema.validate(cfg)

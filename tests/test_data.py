@@ -9,10 +9,10 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from pcjax import data
+from pcjax.data import datasets, digits, input_pipeline, preprocessing
 
-MEAN = np.array(data.IMAGENET_MEAN, np.float32)
-STD = np.array(data.IMAGENET_STD, np.float32)
+MEAN = np.array(datasets.IMAGENET_MEAN, np.float32)
+STD = np.array(datasets.IMAGENET_STD, np.float32)
 NORMALISED_ZERO = -MEAN / STD
 NORMALISED_ONE = (1 - MEAN) / STD
 
@@ -28,7 +28,7 @@ def _map_seeds(fn, num: int, base_seed: int = 7) -> np.ndarray:
 def _to_unit_normalised(image: tf.Tensor) -> tf.Tensor:
     """The on-device normalisation of a uint8 image, in TF (the preprocessing outputs uint8)."""
     assert image.dtype == tf.uint8
-    return data.normalize(tf.cast(image, tf.float32) / 255.0)
+    return preprocessing.normalize(tf.cast(image, tf.float32) / 255.0)
 
 
 def _constant_jpeg(height: int, width: int, rgb: tuple[int, int, int]) -> tf.Tensor:
@@ -61,24 +61,28 @@ def _torchvision_crop_params(rng, height, width, scale=(0.08, 1.0), ratio=(3 / 4
 
 
 def test_dataset_facts():
-    assert data.num_classes("imagenet2012") == 1000
-    assert data.num_classes("cifar10") == 10
-    assert data.image_shape("imagenet2012") == (224, 224, 3)
-    assert data.image_shape("imagenet2012", 128) == (128, 128, 3)
-    assert data.image_shape("cifar10") == (32, 32, 3)
-    assert data.image_shape("digits", 24) == (24, 24, 1)
-    assert data.DATASETS["imagenet2012"].num_train_examples == 1_281_167
-    assert data.DATASETS["imagenet2012"].num_eval_examples == 50_000
-    assert data.num_train_examples("digits") == data.DATASETS["digits"].num_train_examples == 1347
+    assert datasets.num_classes("imagenet2012") == 1000
+    assert datasets.num_classes("cifar10") == 10
+    assert datasets.image_shape("imagenet2012") == (224, 224, 3)
+    assert datasets.image_shape("imagenet2012", 128) == (128, 128, 3)
+    assert datasets.image_shape("cifar10") == (32, 32, 3)
+    assert datasets.image_shape("digits", 24) == (24, 24, 1)
+    assert datasets.DATASETS["imagenet2012"].num_train_examples == 1_281_167
+    assert datasets.DATASETS["imagenet2012"].num_eval_examples == 50_000
+    assert (
+        input_pipeline.num_train_examples("digits")
+        == datasets.DATASETS["digits"].num_train_examples
+        == 1347
+    )
 
 
 @pytest.mark.parametrize(
     "call",
     [
-        lambda: data.num_classes("mnist"),
-        lambda: data.image_shape("mnist"),
-        lambda: data.create_train_dataset("mnist", global_batch_size=8, seed=0),
-        lambda: data.create_eval_dataset("mnist", global_batch_size=8),
+        lambda: datasets.num_classes("mnist"),
+        lambda: datasets.image_shape("mnist"),
+        lambda: input_pipeline.create_train_dataset("mnist", global_batch_size=8, seed=0),
+        lambda: input_pipeline.create_eval_dataset("mnist", global_batch_size=8),
     ],
 )
 def test_unknown_dataset_names_value_and_choices(call):
@@ -88,17 +92,19 @@ def test_unknown_dataset_names_value_and_choices(call):
 
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="global_batch_size=10.*process_count=4"):
-        data.create_train_dataset(
+        input_pipeline.create_train_dataset(
             "digits", global_batch_size=10, seed=0, process_index=0, process_count=4
         )
     with pytest.raises(ValueError, match="process_index"):
-        data.create_eval_dataset("digits", global_batch_size=8, process_index=2, process_count=2)
+        input_pipeline.create_eval_dataset(
+            "digits", global_batch_size=8, process_index=2, process_count=2
+        )
     with pytest.raises(ValueError, match="image_size=16"):
-        data.image_shape("cifar10", 16)
+        datasets.image_shape("cifar10", 16)
     with pytest.raises(ValueError, match="7"):
-        data.load_digits_split(image_size=7)
+        digits.load_digits_split(image_size=7)
     with pytest.raises(ValueError, match="seed"):
-        data.create_train_dataset(
+        input_pipeline.create_train_dataset(
             "digits", global_batch_size=8, seed=-1, process_index=0, process_count=1
         )
 
@@ -116,16 +122,16 @@ def test_process_example_counts_match_tfds(num_examples, process_count):
         )
         (instruction,) = split.to_absolute(split_dict)
         expected.append((instruction.to or num_examples) - (instruction.from_ or 0))
-    assert data.process_example_counts(num_examples, process_count) == expected
+    assert datasets.process_example_counts(num_examples, process_count) == expected
     shard_counts = [len(range(i, num_examples, process_count)) for i in range(process_count)]
     assert shard_counts == expected  # `Dataset.shard` distributes the same way.
 
 
 def test_num_eval_batches():
-    assert data.num_eval_batches(50_000, 128, 1) == 391
-    assert data.num_eval_batches(50_000, 16, 8) == 391  # 6250 per process.
-    assert data.num_eval_batches(450, 16, 4) == 8  # 113, 113, 112, 112 -> busiest needs 8.
-    assert data.num_eval_batches(3, 4, 8) == 1  # Idle processes still run one masked batch.
+    assert datasets.num_eval_batches(50_000, 128, 1) == 391
+    assert datasets.num_eval_batches(50_000, 16, 8) == 391  # 6250 per process.
+    assert datasets.num_eval_batches(450, 16, 4) == 8  # 113, 113, 112, 112 -> busiest needs 8.
+    assert datasets.num_eval_batches(3, 4, 8) == 1  # Idle processes still run one masked batch.
 
 
 # ------------------------------------------------------------------------------------------------
@@ -133,7 +139,7 @@ def test_num_eval_batches():
 
 
 def test_digits_split_stratified_fixed_disjoint():
-    splits = data.load_digits_split()
+    splits = digits.load_digits_split()
     (x_train, y_train), (x_test, y_test) = splits["train"], splits["test"]
     assert x_train.shape == (1347, 16, 16, 1) and x_test.shape == (450, 16, 16, 1)
     assert x_train.dtype == np.float32 and y_train.dtype == np.int32
@@ -152,15 +158,15 @@ def test_digits_split_stratified_fixed_disjoint():
     assert len(train_keys) == len(x_train)
     assert not train_keys & {x.tobytes() for x in x_test}
     # Fixed given the seed, different for another seed.
-    again = data.load_digits_split()
+    again = digits.load_digits_split()
     np.testing.assert_array_equal(again["test"][0], x_test)
-    other = data.load_digits_split(seed=1)
+    other = digits.load_digits_split(seed=1)
     assert not np.array_equal(other["test"][1], y_test)
 
 
 def test_digits_upsampling_preserves_blank_background():
-    value = data.digits_background_value(24)
-    images, _ = data.load_digits_split(image_size=24)["train"]
+    value = digits.digits_background_value(24)
+    images, _ = digits.load_digits_split(image_size=24)["train"]
     assert images.shape[1:] == (24, 24, 1)
     # Digit corners are blank, so they hold exactly the normalised value of 0.
     np.testing.assert_allclose(np.median(images[:, 0, 0, 0]), value, rtol=1e-6)
@@ -170,10 +176,10 @@ def test_digits_upsampling_preserves_blank_background():
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_digits_eval_is_exact(process_count):
     global_batch = 64  # Does not divide the 450 test examples.
-    x_test, y_test = data.load_digits_split()["test"]
+    x_test, y_test = digits.load_digits_split()["test"]
     seen_images, seen_labels, lengths = [], [], []
     for index in range(process_count):
-        ds, total = data.create_eval_dataset(
+        ds, total = input_pipeline.create_eval_dataset(
             "digits",
             global_batch_size=global_batch,
             process_index=index,
@@ -192,7 +198,9 @@ def test_digits_eval_is_exact(process_count):
             seen_labels.extend(batch["label"][real])
     # Same number of batches everywhere, every example once.
     assert len(set(lengths)) == 1
-    assert lengths[0] == data.num_eval_batches(450, global_batch // process_count, process_count)
+    assert lengths[0] == datasets.num_eval_batches(
+        450, global_batch // process_count, process_count
+    )
     assert len(seen_labels) == 450
     assert sorted(x.tobytes() for x in seen_images) == sorted(x.tobytes() for x in x_test)
     np.testing.assert_array_equal(np.sort(seen_labels), np.sort(y_test))
@@ -200,7 +208,7 @@ def test_digits_eval_is_exact(process_count):
 
 def test_digits_train_stream_is_reproducible_and_per_process():
     def first_batch(seed, index, count=2):
-        ds = data.create_train_dataset(
+        ds = input_pipeline.create_train_dataset(
             "digits", global_batch_size=64, seed=seed, process_index=index, process_count=count
         )
         return next(ds.as_numpy_iterator())
@@ -220,7 +228,9 @@ def test_digits_train_stream_is_reproducible_and_per_process():
 
 def test_random_resized_crop_window_matches_torchvision_distribution():
     height, width, num = 300, 400, 2000
-    windows = _map_seeds(lambda s: data.random_resized_crop_window([height, width, 3], s), num)
+    windows = _map_seeds(
+        lambda s: preprocessing.random_resized_crop_window([height, width, 3], s), num
+    )
     y, x, h, w = windows.T
     assert np.all((y >= 0) & (x >= 0) & (y + h <= height) & (x + w <= width) & (h > 0) & (w > 0))
     area = h * w / (height * width)
@@ -254,7 +264,7 @@ def test_random_resized_crop_window_matches_torchvision_distribution():
     ],
 )
 def test_random_resized_crop_window_fallback(shape, expected):
-    windows = _map_seeds(lambda s: data.random_resized_crop_window(shape, s), 20)
+    windows = _map_seeds(lambda s: preprocessing.random_resized_crop_window(shape, s), 20)
     for window in windows:
         assert tuple(window) == expected
         assert tuple(window) == _torchvision_crop_params(np.random.default_rng(0), *shape)
@@ -262,7 +272,7 @@ def test_random_resized_crop_window_fallback(shape, expected):
 
 def test_flip_happens_half_the_time():
     image = np.broadcast_to((10 + 7 * np.arange(32, dtype=np.uint8))[None, :, None], (32, 32, 3))
-    images = _map_seeds(lambda s: data.cifar_train_preprocess(tf.constant(image), s), 400)
+    images = _map_seeds(lambda s: preprocessing.cifar_train_preprocess(tf.constant(image), s), 400)
     # Columns 8..23 are never reached by the 4-pixel padding, so their order tells the flip.
     flipped = images[:, 16, 8, 0] > images[:, 16, 23, 0]
     assert 0.4 < flipped.mean() < 0.6
@@ -271,7 +281,7 @@ def test_flip_happens_half_the_time():
 def test_cifar_pad_crop_fills_with_normalised_zero():
     white = tf.constant(np.full((32, 32, 3), 255, np.uint8))
     images = _map_seeds(
-        lambda s: _to_unit_normalised(data.cifar_train_preprocess(white, s)), 1000
+        lambda s: _to_unit_normalised(preprocessing.cifar_train_preprocess(white, s)), 1000
     )
     shifts = set()
     for image in images:
@@ -291,10 +301,10 @@ def test_cifar_pad_crop_fills_with_normalised_zero():
 
 
 def test_normalize_constant_image():
-    out = data.normalize(tf.fill([4, 5, 3], 0.5)).numpy()
+    out = preprocessing.normalize(tf.fill([4, 5, 3], 0.5)).numpy()
     np.testing.assert_allclose(out, np.broadcast_to((0.5 - MEAN) / STD, (4, 5, 3)), rtol=1e-6)
     pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
-    out = data.cifar_eval_preprocess(tf.constant(pixels)).numpy()
+    out = preprocessing.cifar_eval_preprocess(tf.constant(pixels)).numpy()
     np.testing.assert_array_equal(out, pixels)  # uint8 on the wire, normalised on the device
 
 
@@ -304,10 +314,12 @@ def test_imagenet_preprocess_constant_jpeg():
     encoded = _constant_jpeg(90, 150, rgb)
     # JPEG colour conversion may move a constant colour by a couple of levels: 3 / 255 / 0.224.
     atol = 0.06
-    out = _to_unit_normalised(data.imagenet_eval_preprocess(encoded)).numpy()
+    out = _to_unit_normalised(preprocessing.imagenet_eval_preprocess(encoded)).numpy()
     assert out.shape == (224, 224, 3)
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=atol)
-    out = data.imagenet_train_preprocess(encoded, tf.constant([1, 2], tf.int64), image_size=64)
+    out = preprocessing.imagenet_train_preprocess(
+        encoded, tf.constant([1, 2], tf.int64), image_size=64
+    )
     out = _to_unit_normalised(out)
     assert out.shape == (64, 64, 3)
     np.testing.assert_allclose(out.numpy(), np.broadcast_to(expected, out.shape), atol=atol)
@@ -319,7 +331,7 @@ def test_imagenet_eval_geometry_follows_torchvision():
     image = np.full((200, 300, 3), 255, np.uint8)
     image[:, 150:] = 0
     out = _to_unit_normalised(
-        data.imagenet_eval_preprocess(tf.io.encode_jpeg(tf.constant(image), quality=100))
+        preprocessing.imagenet_eval_preprocess(tf.io.encode_jpeg(tf.constant(image), quality=100))
     )
     row = out.numpy()[112, :, 0]
     white, black = NORMALISED_ONE[0], NORMALISED_ZERO[0]

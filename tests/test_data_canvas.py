@@ -5,32 +5,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import analysis, config_lib, data, models
+from pcjax import analysis
+from pcjax.configs import schema
+from pcjax.data import datasets, digits, input_pipeline
+from pcjax.nn import models
 
-SIZE = data.DIGITS_CANVAS_SIZE
-DIGIT = data.DIGITS_CANVAS_DIGIT_SIZE
+SIZE = datasets.DIGITS_CANVAS_SIZE
+DIGIT = datasets.DIGITS_CANVAS_DIGIT_SIZE
 
 
 @pytest.fixture(scope="module")
 def canvas():
-    return data.load_digits_canvas_split()
+    return digits.load_digits_canvas_split()
 
 
 def test_facts_and_split(canvas):
-    assert data.image_shape("digits_canvas") == (SIZE, SIZE, 1)
-    assert data.num_classes("digits_canvas") == 10
-    assert data.num_train_examples("digits_canvas") == 1347
-    assert "digits_canvas" in config_lib.DATASET_NAMES
+    assert datasets.image_shape("digits_canvas") == (SIZE, SIZE, 1)
+    assert datasets.num_classes("digits_canvas") == 10
+    assert input_pipeline.num_train_examples("digits_canvas") == 1347
+    assert "digits_canvas" in schema.DATASET_NAMES
     (x_train, y_train), (x_test, y_test) = canvas["train"], canvas["test"]
     assert x_train.shape == (1347, SIZE, SIZE, 1) and x_train.dtype == np.float32
     assert x_test.shape == (450, SIZE, SIZE, 1)
     # Same stratified split (same examples, same order) as the "digits" quick start.
-    digits = data.load_digits_split(DIGIT)
-    np.testing.assert_array_equal(y_train, digits["train"][1])
-    np.testing.assert_array_equal(y_test, digits["test"][1])
+    small = digits.load_digits_split(DIGIT)
+    np.testing.assert_array_equal(y_train, small["train"][1])
+    np.testing.assert_array_equal(y_test, small["test"][1])
     # Standardised with the train statistics (float32 sums: loose tolerance).
     assert abs(float(x_train.mean())) < 1e-4 and abs(float(x_train.std()) - 1) < 1e-4
-    again = data.load_digits_canvas_split()
+    again = digits.load_digits_canvas_split()
     np.testing.assert_array_equal(again["test"][0], x_test)  # fixed placements
 
 
@@ -54,11 +57,11 @@ def test_each_digit_is_the_upsampled_digit_at_its_offset(canvas):
             strict=True,
         )
     )
-    offsets = data.canvas_offsets(len(labels), SIZE, seed=0)
-    digits = data.load_digits_split(DIGIT)
+    offsets = digits.canvas_offsets(len(labels), SIZE, seed=0)
+    small = digits.load_digits_split(DIGIT)
     for split in ("train", "test"):
         x = canvas[split][0][..., 0].astype(np.float64)
-        d = digits[split][0][..., 0].astype(np.float64)
+        d = small[split][0][..., 0].astype(np.float64)
         background = x.min()
         windows = np.empty_like(d)
         for i, (r, c) in enumerate(offsets[indices[split]]):
@@ -72,23 +75,23 @@ def test_each_digit_is_the_upsampled_digit_at_its_offset(canvas):
 
 
 def test_offsets_are_seeded_and_cover_the_canvas():
-    off = data.canvas_offsets(1797, SIZE, seed=0)
-    np.testing.assert_array_equal(off, data.canvas_offsets(1797, SIZE, seed=0))
-    assert not np.array_equal(off, data.canvas_offsets(1797, SIZE, seed=1))
+    off = digits.canvas_offsets(1797, SIZE, seed=0)
+    np.testing.assert_array_equal(off, digits.canvas_offsets(1797, SIZE, seed=0))
+    assert not np.array_equal(off, digits.canvas_offsets(1797, SIZE, seed=1))
     assert off.min() == 0 and off.max() == SIZE - DIGIT
     assert len(np.unique(off[:, 0])) == SIZE - DIGIT + 1
 
 
 def test_bad_canvas_size_raises():
     with pytest.raises(ValueError, match="digits_canvas image_size"):
-        data.image_shape("digits_canvas", DIGIT - 1)
+        datasets.image_shape("digits_canvas", DIGIT - 1)
     with pytest.raises(ValueError, match="15"):
-        data.load_digits_canvas_split(15)
+        digits.load_digits_canvas_split(15)
 
 
 def test_pipelines_yield_the_arrays_unaugmented(canvas):
     x_test, y_test = canvas["test"]
-    ds, n = data.create_eval_dataset(
+    ds, n = input_pipeline.create_eval_dataset(
         "digits_canvas", global_batch_size=128, process_index=0, process_count=1
     )
     batches = list(ds.as_numpy_iterator())
@@ -101,7 +104,7 @@ def test_pipelines_yield_the_arrays_unaugmented(canvas):
     np.testing.assert_array_equal(labels[:450], y_test)
 
     x_train = canvas["train"][0].reshape(1347, -1)
-    train = data.create_train_dataset(
+    train = input_pipeline.create_train_dataset(
         "digits_canvas", global_batch_size=64, seed=0, process_index=0, process_count=1
     )
     batch = next(train.as_numpy_iterator())
@@ -114,10 +117,10 @@ def test_pipelines_yield_the_arrays_unaugmented(canvas):
 def test_registered_models_and_geometry():
     names = [n for n in models.MODEL_NAMES if n.startswith("digits_canvas/")]
     assert len(names) == 10
-    cfg = config_lib.default_config()
+    cfg = schema.default_config()
     cfg.data.name = "digits_canvas"
-    config_lib.set_model_preset(cfg, "digits_canvas/tanh/linear_plus_rho")
-    config_lib.validate(cfg)
+    schema.set_model_preset(cfg, "digits_canvas/tanh/linear_plus_rho")
+    schema.validate(cfg)
     spec = models.get_model_spec("digits_canvas/mod/rho_psi")
     assert spec.image_shape == (SIZE, SIZE, 1)
     model = spec.build()

@@ -73,7 +73,7 @@ def test_a_full_disk_fails_in_one_line_and_keeps_the_checkpoints(tmp_path):
         # Then a disk with no room left at all: the lock cannot be written.
         f"mkdir {disk}/full && (cat /dev/zero > {disk}/filler 2>/dev/null; true); "
         f"{_cli(disk / 'full')}; echo rc=$? >&2; ls -a {disk}/full >&2; "
-        f"{sys.executable} -c 'from pcjax import checkpoint; import sys; "
+        f"{sys.executable} -c 'from pcjax.training import checkpoint; import sys; "
         f'print("restored", checkpoint.restore_variables(sys.argv[1])[1])\' {wd} >&2',
     )
     err = out.stderr

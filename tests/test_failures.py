@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from pcjax import checkpoint
+from pcjax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,10 +63,10 @@ def test_a_missing_data_folder_is_named_with_the_command_that_prepares_it(tmp_pa
 def test_an_unexpected_error_is_one_line_and_its_traceback_a_file(tmp_path):
     code = (
         "import sys\n"
-        "from pcjax import train\n"
+        "from pcjax.training import launch\n"
         "def broken(*args, **kwargs):\n"
         "    raise KeyError('something nobody expected')\n"
-        "train.run = broken\n"
+        "launch.run = broken\n"
         f"sys.argv = ['quickstart.py', '--workdir={tmp_path}/w']\n"
         "import runpy; runpy.run_path('experiments/quickstart.py', run_name='__main__')\n"
     )

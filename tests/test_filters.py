@@ -2,7 +2,7 @@
 
 The oracle below is written from the formulas of docs/spec.md 1.1-1.3 (explicit 5x5
 periodisation loop, quadratic form R diag(1, s^2) R^T / (2 sigma^2), Z = 2 * 3.1415 * sigma^2 / s,
-Morlet correction K = sum(g_xi) / sum(g_0)) and never calls `pcjax.filters` to build filters.
+Morlet correction K = sum(g_xi) / sum(g_0)) and never calls `pcjax.nn.filters` to build filters.
 """
 
 import math
@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from pcjax import filters
+from pcjax.nn import filters
 
 # --------------------------------------------------------------------------------------------
 # Oracle: docs/spec.md 1, transcribed independently in float64.
@@ -318,7 +318,7 @@ def test_full_angles_reach_the_wavelet_transform(method):
     """On a real image, mirrored full-angle wavelets give conjugate coefficients (both methods)."""
     import jax
 
-    from pcjax import wavelets
+    from pcjax.nn import wavelets
 
     x = np.asarray(jax.random.normal(jax.random.key(3), (2, 12, 12, 1)))
     L = 8

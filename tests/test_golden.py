@@ -16,7 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import config_lib, layers, models, train
+from pcjax.configs import schema
+from pcjax.nn import layers, models
+from pcjax.training import train
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "golden"))
 import generate_golden as golden  # noqa: E402  (only its NumPy weight functions are used)
@@ -143,7 +145,7 @@ def test_one_sgd_step_of_cifar_variant_b_matches_reference(ref):
     labels = jnp.asarray(ref["sgd/labels"])
     stats = net.init(jax.random.key(0), x, train=True)["batch_stats"]
     params = _sgd_params(_params_of(ref, "sgd/"))
-    cfg = config_lib.default_config()
+    cfg = schema.default_config()
     assert (cfg.optim.learning_rate, cfg.optim.momentum, cfg.optim.weight_decay) == (
         0.01,
         0.9,

@@ -10,8 +10,8 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import checkpoint, health, train
 from pcjax.configs import digits as digits_config
+from pcjax.training import checkpoint, health, loop
 
 
 def _trace(rng, n, blow_up_at=None, rate=1.5):
@@ -122,10 +122,10 @@ def _norm(wd, step):
 @pytest.mark.parametrize("lr", [1.0, 1e9])  # a finite blow-up, and one to NaN
 def test_a_blow_up_sets_aside_its_checkpoints_and_the_rerun_resumes_healthy(tmp_path, lr):
     wd = str(tmp_path)
-    train.train_and_evaluate(_config(20, 0.05), wd)
+    loop.train_and_evaluate(_config(20, 0.05), wd)
     healthy = _norm(wd, 20)
-    with pytest.raises(train.Diverged) as error:
-        train.train_and_evaluate(_config(65, lr), wd)
+    with pytest.raises(loop.Diverged) as error:
+        loop.train_and_evaluate(_config(65, lr), wd)
     message = str(error.value)
     assert "\n" not in message
     onset = int(re.search(r"the blow-up began at step (\d+)", message).group(1))
@@ -137,7 +137,7 @@ def test_a_blow_up_sets_aside_its_checkpoints_and_the_rerun_resumes_healthy(tmp_
     assert all(int(n) >= onset - 1 for n in (os.listdir(aside) if os.path.isdir(aside) else []))
     for step in kept:  # every checkpoint left holds weights of the healthy run
         assert _norm(wd, step) < 2 * healthy
-    result = train.train_and_evaluate(_config(good + 5, 0.05), wd)
+    result = loop.train_and_evaluate(_config(good + 5, 0.05), wd)
     assert result["top1"] > 0.2  # the rerun at a sane lr trains on
 
 

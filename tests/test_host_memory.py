@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CYCLE = """
 import ctypes, resource, sys, threading
 sys.path.insert(0, {root!r})
-from pcjax import host_memory
+from pcjax.training import host_memory
 applied = host_memory.keep_freed_memory() if {keep} else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -78,7 +78,7 @@ def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults(worker):
 _SYNC = """
 import sys
 sys.path.insert(0, {root!r})
-from pcjax import host_memory
+from pcjax.training import host_memory
 import jax, jax.numpy as jnp
 host_memory.synchronous_cpu_dispatch()  # before the backend starts
 x = jnp.ones((1024, 1024))
@@ -96,7 +96,7 @@ def test_synchronous_cpu_dispatch_returns_finished_results():
 _PROBE = """
 import sys
 sys.path.insert(0, {root!r})
-from pcjax import host_memory
+from pcjax.training import host_memory
 import jax
 print(host_memory.cpu_only(), host_memory.reuse_step_memory(),
       jax.config.values["jax_cpu_enable_async_dispatch"])
@@ -118,6 +118,6 @@ def test_reuse_step_memory_applies_on_cpu():
 
 
 def test_trainer_leaves_host_memory_alone_by_default():
-    from pcjax import config_lib
+    from pcjax.configs import schema
 
-    assert config_lib.default_config().train.cpu_reuse_step_memory is False
+    assert schema.default_config().train.cpu_reuse_step_memory is False

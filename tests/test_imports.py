@@ -10,7 +10,7 @@ import sys
 
 PROBE = """
 import sys
-import pcjax.config_lib, pcjax.models, pcjax.sharding, pcjax.train
+import pcjax.configs.schema, pcjax.nn.models, pcjax.training.sharding, pcjax.training.train
 heavy = sorted(m for m in ("tensorflow", "tensorflow_datasets", "clu.metric_writers")
                if m in sys.modules)
 print(",".join(heavy) or "none")

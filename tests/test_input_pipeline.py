@@ -11,8 +11,11 @@ import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from support import synthetic_tfds
 
-from pcjax import config_lib, datasets, input_pipeline, sharding, synthetic_tfds, toy_data
+from pcjax.configs import schema
+from pcjax.data import datasets, digits, input_pipeline
+from pcjax.training import sharding
 
 MEAN = np.array(datasets.IMAGENET_MEAN, np.float64)
 STD = np.array(datasets.IMAGENET_STD, np.float64)
@@ -63,7 +66,7 @@ def test_one_epoch_visits_every_example_once():
         assert set(read) <= set(range(1347))
     assert set(sampler.global_indices(0)) != set(sampler.global_indices(21))  # fresh order
     labels = np.concatenate([b["label"] for b in batches[:21]])
-    _, train_labels = toy_data.load_split("digits", "train")
+    _, train_labels = digits.load_split("digits", "train")
     np.testing.assert_array_equal(labels, train_labels[sampler.permutation(0)[:1344]])
 
 
@@ -126,7 +129,7 @@ def test_resume_reads_only_the_steps_from_k():
     )
     np.testing.assert_array_equal(earlier[1]["image"], resumed["image"])
     late = input_pipeline.IndexSampler(1347, batch, seed=1).global_indices(k - 2)[rows]
-    _, labels = toy_data.load_split("digits", "train")
+    _, labels = digits.load_split("digits", "train")
     np.testing.assert_array_equal(resumed["label"], labels[late])
 
 
@@ -309,7 +312,7 @@ def test_corrupted_record_names_file_and_index(data_dir, tmp_path):
 
 
 def _config(name, data_dir):
-    cfg = config_lib.default_config()
+    cfg = schema.default_config()
     cfg.data.name = name
     cfg.data.data_dir = data_dir
     return cfg
@@ -320,21 +323,19 @@ def test_validation_gives_the_prepare_command(tmp_path, name):
     """A data_dir that does not exist is named as missing (never "already prepared in the
     TFRECORD format"), followed by the command that prepares it."""
     with pytest.raises(
-        config_lib.ConfigError,
+        schema.ConfigError,
         match=rf"(?s)is not in data_dir=.*empty.*tfds build {name} --file_format=array_record",
     ) as caught:
-        config_lib.validate_data(_config(name, str(tmp_path / "empty")))
+        schema.validate_data(_config(name, str(tmp_path / "empty")))
     assert "TFRECORD" not in str(caught.value).upper()
 
 
 def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path):
-    config_lib.validate_data(_config("cifar10", data_dir))
-    config_lib.validate_data(_config("digits", None))
+    schema.validate_data(_config("cifar10", data_dir))
+    schema.validate_data(_config("digits", None))
     synthetic_tfds.prepare("cifar10", str(tmp_path), [("train", 4), ("test", 2)], "tfrecord")
-    with pytest.raises(
-        config_lib.ConfigError, match="tfds build cifar10 --file_format=array_record"
-    ):
-        config_lib.validate_data(_config("cifar10", str(tmp_path)))
+    with pytest.raises(schema.ConfigError, match="tfds build cifar10 --file_format=array_record"):
+        schema.validate_data(_config("cifar10", str(tmp_path)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path
 def test_pipelines_on_tfds_mock_data_sources(name):
     size = 48 if name == "imagenet2012" else 32
     with tfds.testing.mock_data(num_examples=6):
-        config_lib.validate_data(_config(name, None))
+        schema.validate_data(_config(name, None))
         train = input_pipeline.create_train_dataset(
             name, global_batch_size=4, seed=3, image_size=size, process_index=0, process_count=1
         )
@@ -401,7 +402,7 @@ def test_device_prefetcher_thread_stops_when_dropped():
 @pytest.mark.parametrize("size", [8, 32])
 def test_digits_at_another_size_read_records_of_that_size(size):
     """A digits stream at a non-default size reads records built at that size, train and eval."""
-    images, labels = toy_data.load_split("digits", "train", size)
+    images, labels = digits.load_split("digits", "train", size)
     ds = input_pipeline.create_train_dataset(
         "digits", global_batch_size=16, seed=3, image_size=size
     )
@@ -410,7 +411,7 @@ def test_digits_at_another_size_read_records_of_that_size(size):
     indices = input_pipeline.IndexSampler(len(labels), 16, 3).global_indices(0)
     np.testing.assert_array_equal(batch["label"], labels[indices])
     ds, count = input_pipeline.create_eval_dataset("digits", global_batch_size=64, image_size=size)
-    test_images, _ = toy_data.load_split("digits", "test", size)
+    test_images, _ = digits.load_split("digits", "test", size)
     first = next(ds.as_numpy_iterator())
     assert count == len(test_images) and first["image"].shape == (64, size, size, 1)
     np.testing.assert_array_equal(first["image"], test_images[:64])

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import checkpoint
+from pcjax.training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "topology_driver.py")

@@ -6,13 +6,13 @@ another; accuracy tests compare with the float64 NumPy evaluation of `float64_or
 
 import functools
 
-import float64_oracle as oracle
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import float64_oracle as oracle
 
-from pcjax import complex_ops, layers, models, nonlinear, wavelets
+from pcjax.nn import complex_ops, layers, models, nonlinear, wavelets
 
 
 def _rand(rng, shape, complex_=True):

@@ -9,7 +9,8 @@ fails here. Skipped where libtpu cannot describe a TPU topology.
 import jax
 import jax.numpy as jnp
 
-from pcjax import layers, targets
+from pcjax.accelerators import targets
+from pcjax.nn import layers
 
 # XLA:TPU bytes accessed per image of the block below (forward + backward, batch 8, the libtpu
 # of jax[tpu] 0.10.2): 86.2 MB measured (docs/scale.md, "Per block"), plus 20 %.

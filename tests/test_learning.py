@@ -11,8 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import config_lib, sharding, toy_data, train
 from pcjax.configs import digits as digits_config
+from pcjax.configs import schema
+from pcjax.data import digits
+from pcjax.training import loop, sharding, train
 
 BATCH = 64
 STEPS = 25
@@ -29,10 +31,10 @@ def _config():
 def _fit_fixed_batch():
     """STEPS shipped train steps on one fixed batch of real digits; (first, last metrics, state)."""
     cfg = _config()
-    images, labels = toy_data.load_split("digits", "train")
+    images, labels = digits.load_split("digits", "train")
     batch = {"image": images[:BATCH], "label": labels[:BATCH]}
     mesh = sharding.make_mesh()
-    model = config_lib.build_model(cfg)
+    model = schema.build_model(cfg)
     steps_per_epoch = 20
     tx = train.create_optimizer(cfg, steps_per_epoch)
     rep = sharding.replicated(mesh)
@@ -93,5 +95,5 @@ def test_a_short_digits_run_reaches_a_stated_accuracy(tmp_path):
     cfg = _config()
     cfg.optim.num_epochs = 3
     cfg.train.checkpoint_every_steps = 1000
-    result = train.train_and_evaluate(cfg, str(tmp_path / "wd"))
+    result = loop.train_and_evaluate(cfg, str(tmp_path / "wd"))
     assert result["top1"] >= 0.9, result

@@ -11,7 +11,7 @@ import time
 import pytest
 from etils import epath
 
-from pcjax import workdir
+from pcjax.training import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import metrics
+from pcjax.training import metrics
 
 
 def _oracle(logits: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import models
+from pcjax.nn import models
 
 # docs/spec.md 3.7 / 3.9: total real parameters (complex weights count twice).
 EXPECTED_PARAMS = {

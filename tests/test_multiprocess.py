@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from pcjax import checkpoint, train
+from pcjax.training import checkpoint, preemption
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
@@ -95,7 +95,7 @@ def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
     results = _wait(procs)
     saved = _steps(wd)[-1]
     for rc, log in results:
-        assert rc == train.PREEMPTED_EXIT_CODE, log[-3000:]
+        assert rc == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
         assert f"Preempted: saved step {saved} " in log and "Finished" not in log
         assert "processes=2" in log or "process 1/2" in log
 

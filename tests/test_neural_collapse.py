@@ -142,7 +142,7 @@ def test_update_is_compiled_once_per_shape():
 
 def test_phase_collapse_classifier_matches_the_head():
     """W @ flatten(head/bn output) + b reproduces the network's logits."""
-    from pcjax import models
+    from pcjax.nn import models
 
     model = models.build_model("digits/mod/rho_psi", widths=(4, 6), num_classes=5)
     x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import nonlinear
+from pcjax.nn import nonlinear
 
 EPS = 1e-6
 

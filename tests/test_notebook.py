@@ -45,7 +45,7 @@ def test_notebook_is_committed_with_a_cpu_run():
     code = "\n".join(cell.source for cell in code_cells)
     assert '"google.colab" in sys.modules' in code
     assert "REPO_URL" in code and "PCJAX_NOTEBOOK_STEPS" in code
-    assert "train.train_and_evaluate(" in code and "analysis.layerwise_separation(" in code
+    assert "loop.train_and_evaluate(" in code and "analysis.layerwise_separation(" in code
     # Install: pcjax without its pins; tensorflow-cpu only where no TensorFlow exists; CUDA
     # jax only where the runtime has none.
     assert 'pip("--no-deps", REPO_URL)' in code

@@ -184,7 +184,7 @@ def test_simultaneous_starts_on_a_bucket_have_one_winner(emulator, tmp_path):
 def test_release_removes_only_the_holders_lock_in_the_bucket(emulator, monkeypatch):
     from etils import epath
 
-    from pcjax import workdir
+    from pcjax.training import workdir
 
     for key, value in _env(emulator).items():
         monkeypatch.setenv(key, value)

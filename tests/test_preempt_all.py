@@ -7,7 +7,7 @@ import time
 import pytest
 from test_multiprocess import _launch, _steps, _wait, _wait_for_checkpoint
 
-from pcjax import train
+from pcjax.training import preemption
 
 
 @pytest.mark.slow
@@ -22,7 +22,7 @@ def test_sigterm_to_every_process_at_once(tmp_path):
     elapsed = time.monotonic() - sent
     saved = _steps(wd)[-1]
     for rc, log in results:
-        assert rc == train.PREEMPTED_EXIT_CODE, log[-3000:]
+        assert rc == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
         assert f"Preempted: saved step {saved} " in log and "Finished" not in log
     print(f"both processes exited {elapsed:.1f} s after SIGTERM")
     resumed = _wait(_launch(wd, saved + 2, tmp_path))

@@ -18,8 +18,11 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from pcjax import checkpoint, config_lib, data, metrics, models, sharding, train, workdir
 from pcjax.configs import digits as digits_config
+from pcjax.configs import schema
+from pcjax.data import datasets, digits, input_pipeline
+from pcjax.nn import models
+from pcjax.training import checkpoint, launch, loop, metrics, preemption, sharding, train, workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,9 +119,9 @@ def test_exact_eval_on_non_multiple_set():
     cfg = _tiny_config()
     state, _ = _setup(mesh, cfg)
     p_eval = jax.jit(train.eval_step)
-    ds, n = data.create_eval_dataset("digits", global_batch_size=64)
+    ds, n = input_pipeline.create_eval_dataset("digits", global_batch_size=64)
     got = train.evaluate(p_eval, state, ds.as_numpy_iterator(), mesh)
-    images, labels = data.load_digits_split(16)["test"]
+    images, labels = digits.load_digits_split(16)["test"]
     assert n == len(labels) == 450
     logits = state.apply_fn(
         {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
@@ -143,9 +146,9 @@ def _assert_bitwise_equal(a, b) -> None:
 
 def test_two_plus_two_steps_equal_four(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    train.train_and_evaluate(_tiny_config(num_steps=4), straight)
-    train.train_and_evaluate(_tiny_config(num_steps=2), resumed)
-    train.train_and_evaluate(_tiny_config(num_steps=4), resumed)  # restarts from step 2
+    loop.train_and_evaluate(_tiny_config(num_steps=4), straight)
+    loop.train_and_evaluate(_tiny_config(num_steps=2), resumed)
+    loop.train_and_evaluate(_tiny_config(num_steps=4), resumed)  # restarts from step 2
     a, b = _restore(straight, 4), _restore(resumed, 4)
     # Same machine, same devices, same compiled step: the resumed run is bit-identical.
     _assert_bitwise_equal(
@@ -156,16 +159,16 @@ def test_two_plus_two_steps_equal_four(tmp_path):
     assert os.path.exists(os.path.join(straight, "config.json"))
     assert not os.path.exists(os.path.join(straight, "lock"))  # released at the end
     # The loop's own state is in the checkpoint: best_top1 survives the resume.
-    loop = _loop_state(resumed, 4)
-    assert 0.0 <= loop["best_top1"] <= 1.0 and loop["best_top1"] >= loop["eval"]["top1"]
-    assert loop["best_top1"] == pytest.approx(
-        max(_loop_state(resumed, 2)["best_top1"], loop["eval"]["top1"])
+    saved = _loop_state(resumed, 4)
+    assert 0.0 <= saved["best_top1"] <= 1.0 and saved["best_top1"] >= saved["eval"]["top1"]
+    assert saved["best_top1"] == pytest.approx(
+        max(_loop_state(resumed, 2)["best_top1"], saved["eval"]["top1"])
     )
     # A resume that would change the model is refused, naming the key, before any restore.
     with pytest.raises(workdir.WorkdirError, match=r"model.widths: \[4, 8\] -> \[4, 4\]"):
         changed = _tiny_config(num_steps=6)
         changed.model.widths = (4, 4)
-        train.train_and_evaluate(changed, resumed)
+        loop.train_and_evaluate(changed, resumed)
     events = glob.glob(os.path.join(straight, "events.out.tfevents.*"))
     assert events
     tags = _event_tags(events)
@@ -212,11 +215,11 @@ def test_divergence_never_reaches_a_checkpoint(tmp_path, caplog):
     """lr=1e9 after good checkpoints: Diverged, naming a checkpoint that exists and is finite;
     rerunning at a sane lr resumes from it."""
     wd = str(tmp_path)
-    train.train_and_evaluate(_tiny_config(num_steps=4, checkpoint_every_steps=2), wd)
+    loop.train_and_evaluate(_tiny_config(num_steps=4, checkpoint_every_steps=2), wd)
     bad = _tiny_config(num_steps=60, checkpoint_every_steps=1, max_checkpoints_to_keep=2)
     bad.optim.learning_rate = 1e9
-    with pytest.raises(train.Diverged) as error:
-        train.train_and_evaluate(bad, wd)
+    with pytest.raises(loop.Diverged) as error:
+        loop.train_and_evaluate(bad, wd)
     found = re.search(r"last healthy checkpoint, step (\d+) \((\S+)\)", str(error.value))
     assert found, str(error.value)
     step, path = int(found.group(1)), found.group(2)
@@ -230,7 +233,7 @@ def test_divergence_never_reaches_a_checkpoint(tmp_path, caplog):
     # A rerun at a sane lr starts from it (at lr=1e9 the step-4 state was already far off, so
     # only the restore and the evaluation of the named state are asserted here).
     with caplog.at_level("INFO"):
-        result = train.train_and_evaluate(_tiny_config(num_steps=step), wd)
+        result = loop.train_and_evaluate(_tiny_config(num_steps=step), wd)
     assert any(f"starting at step {step}" in r.getMessage() for r in caplog.records)
     assert set(result) == {"loss", "top1", "top5"}
 
@@ -248,11 +251,11 @@ class _Recorder(metric_writers.LoggingWriter):
 
 
 def _hand_built_run(tmp_path, cfg, num_steps):
-    """A `train.Run` over in-memory batches: the loop needs no dataset library."""
+    """A `loop.Run` over in-memory batches: the loop needs no dataset library."""
     mesh = sharding.make_mesh()
     state, step = _setup(mesh, cfg)
     eval_set = _batch(99, 32)
-    return train.Run(
+    return loop.Run(
         config=cfg,
         workdir=tmp_path,
         mesh=mesh,
@@ -272,7 +275,7 @@ def _hand_built_run(tmp_path, cfg, num_steps):
 def test_loop_evaluates_and_saves_only_finite_states(tmp_path):
     cfg = _tiny_config(num_steps=3, checkpoint_every_steps=1)
     run = _hand_built_run(tmp_path / "good", cfg, 3)
-    result = train.train_loop(run)
+    result = loop.train_loop(run)
     assert set(result) == {"loss", "top1", "top5"}
     evals = [(s, v) for s, k, v in run.writer.scalars if k == "eval/top1"]
     assert [s for s, _ in evals] == [1, 2, 3]
@@ -283,8 +286,8 @@ def test_loop_evaluates_and_saves_only_finite_states(tmp_path):
     cfg = _tiny_config(num_steps=6, checkpoint_every_steps=100)
     cfg.optim.learning_rate = 1e30
     run = _hand_built_run(tmp_path / "bad", cfg, 6)
-    with pytest.raises(train.Diverged, match="no checkpoint was saved") as error:
-        train.train_loop(run)
+    with pytest.raises(loop.Diverged, match="no checkpoint was saved") as error:
+        loop.train_loop(run)
     bad_step = int(re.search(r"after step (\d+)", str(error.value)).group(1))
     evaluated = [s for s, k, _ in run.writer.scalars if k == "eval/top1"]
     assert all(s < bad_step for s in evaluated)  # no state was evaluated unchecked
@@ -314,13 +317,13 @@ def test_bad_configs_fail_before_compiling(tmp_path, change, message):
     cfg = digits_config.get_config()
     cfg.unlock()
     change(cfg)
-    with pytest.raises(config_lib.ConfigError, match=message):
-        train.train_and_evaluate(cfg, str(tmp_path / "w"))
+    with pytest.raises(schema.ConfigError, match=message):
+        loop.train_and_evaluate(cfg, str(tmp_path / "w"))
     assert not os.path.exists(tmp_path / "w")  # raised before the workdir or a model existed
 
 
 def test_dataset_names_agree():
-    assert set(config_lib.DATASET_NAMES) == set(data.DATASETS)
+    assert set(schema.DATASET_NAMES) == set(datasets.DATASETS)
 
 
 def _run_cli(script, args, mock=False, timeout=600):
@@ -409,7 +412,7 @@ def test_sigterm_then_sigkill_then_resume_exactly(tmp_path):
     _wait_for_checkpoint(proc, ckpts, 2)
     proc.send_signal(signal.SIGTERM)
     rc, log = _finish(proc)
-    assert rc == train.PREEMPTED_EXIT_CODE == 143, log[-3000:]
+    assert rc == preemption.PREEMPTED_EXIT_CODE == 143, log[-3000:]
     assert "Preempted: saved step" in log and "Finished" not in log and "final eval" not in log
     assert "eval/top1" not in log  # the final evaluation was skipped
     saved = _steps_saved(ckpts)[-1]
@@ -427,7 +430,7 @@ def test_sigterm_then_sigkill_then_resume_exactly(tmp_path):
     assert f"starting at step {killed_at}" in out.stderr and "Taking over" in out.stderr
     straight = tmp_path / "straight"
     cfg = _tiny_config(num_steps=killed_at + 2, log_every_steps=1, eval_every_steps=100000)
-    train.train_and_evaluate(cfg, str(straight))
+    loop.train_and_evaluate(cfg, str(straight))
     a, b = _restore(straight, killed_at + 2), _restore(wd, killed_at + 2)
     _assert_bitwise_equal(a, b)  # same machine and device count as the straight run
 
@@ -437,7 +440,7 @@ def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
     thing, before any module that imports TensorFlow (TFDS, CLU) is loaded."""
     code = (
         "import sys\n"
-        "from pcjax import cli\n"
+        "from pcjax.training import cli\n"
         "assert 'tensorflow' not in sys.modules\n"
         "cli.hide_accelerators_from_tensorflow()\n"
         "import tensorflow as tf\n"
@@ -450,8 +453,8 @@ def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
 
 
 def test_partial_coordinator_flags_are_refused():
-    with pytest.raises(config_lib.ConfigError, match="num_processes=None"):
-        train.initialize_distributed("127.0.0.1:1234", None, 0)
+    with pytest.raises(schema.ConfigError, match="num_processes=None"):
+        launch.initialize_distributed("127.0.0.1:1234", None, 0)
 
 
 def test_help_lists_flags_presets_and_overrides():
@@ -472,7 +475,7 @@ def test_help_lists_flags_presets_and_overrides():
 def test_train_and_evaluate_stops_its_input_thread(tmp_path, monkeypatch):
     """Training, and the rerun of the finished run (which takes no step), both leave no input
     prefetch thread behind when they return."""
-    from pcjax import input_pipeline
+    from pcjax.data import input_pipeline
 
     made = []
 
@@ -483,5 +486,5 @@ def test_train_and_evaluate_stops_its_input_thread(tmp_path, monkeypatch):
     create = input_pipeline.create_train_iterator
     monkeypatch.setattr(input_pipeline, "create_train_iterator", recording)
     for _ in range(2):
-        train.train_and_evaluate(_tiny_config(num_steps=2), str(tmp_path / "wd"))
+        loop.train_and_evaluate(_tiny_config(num_steps=2), str(tmp_path / "wd"))
     assert len(made) == 2 and not any(p._thread.is_alive() for p in made)

@@ -2,7 +2,7 @@
 
 The oracle pads with `np.pad(mode="reflect")`, convolves circularly on the padded grid directly
 in space (no FFT), decimates y[2m, 2n] and crops. Filters come from its own transcription of
-docs/spec.md 1 (not from `pcjax.filters`). The spatial and matmul paths run at the
+docs/spec.md 1 (not from `pcjax.nn.filters`). The spatial and matmul paths run at the
 "highest" precision policy (the default; float32 products on every backend).
 """
 
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax import filters, wavelets
+from pcjax.nn import filters, wavelets
 
 # --------------------------------------------------------------------------------------------
 # Oracle.

@@ -9,8 +9,8 @@ import sys
 import pytest
 from etils import epath
 
-from pcjax import workdir
 from pcjax.configs import digits as digits_config
+from pcjax.training import workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -5,7 +5,7 @@
 
 Joins the other processes with `jax.distributed.initialize` (explicit arguments), writes the
 first K global training batches (gathered from every process) to DIR/batches.npz (process 0),
-then trains the tiny digits config to step S through `train.train_and_evaluate`, resuming from
+then trains the tiny digits config to step S through `loop.train_and_evaluate`, resuming from
 DIR's checkpoint if there is one.
 """
 
@@ -57,7 +57,8 @@ def main() -> None:
         )
     from jax.experimental import multihost_utils
 
-    from pcjax import input_pipeline, sharding, train
+    from pcjax.data import input_pipeline
+    from pcjax.training import loop, sharding
 
     config = tiny_config(args.num_steps)
     if args.dump_batches:
@@ -72,7 +73,7 @@ def main() -> None:
         if jax.process_index() == 0:
             np.savez(os.path.join(args.workdir, "batches.npz"), **out)
     if args.num_steps:
-        train.train_and_evaluate(config, args.workdir)
+        loop.train_and_evaluate(config, args.workdir)
 
 
 if __name__ == "__main__":

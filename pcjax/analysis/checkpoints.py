@@ -21,7 +21,7 @@ def load_variables_from_workdir(
     """{"params", "batch_stats"} of a training checkpoint, ready for `model.apply`.
 
     Reads the checkpoint the trainer writes in `workdir` (a folder or a URL) through
-    `pcjax.checkpoint.restore_variables` (nested dicts, no target), and checks that the
+    `pcjax.training.checkpoint.restore_variables` (nested dicts, no target), and checks that the
     parameter and statistics trees match `model.init` on an input of shape [1, *image_shape]
     (names, shapes; dtypes are cast).
 
@@ -35,7 +35,9 @@ def load_variables_from_workdir(
         FileNotFoundError: no checkpoint under `workdir/checkpoints`.
         ValueError: the checkpoint does not fit `model`.
     """
-    from pcjax import checkpoint  # imported here: Orbax is heavy, and only this function needs it
+    from pcjax.training import (
+        checkpoint,  # imported here: Orbax is heavy, and only this function needs it
+    )
 
     restored, step = checkpoint.restore_variables(workdir, step)
 

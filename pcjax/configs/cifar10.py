@@ -24,7 +24,8 @@ pcjax preset) and 8.8 (ResNet, no CIFAR-10 preset here).
 
 import ml_collections
 
-from pcjax import config_lib, layers, models
+from pcjax.configs import schema
+from pcjax.nn import layers, models
 
 NETWORKS = tuple(f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in layers.BLOCK_TYPES)
 FULL_ANGLES_SUFFIX = "/L16_full"
@@ -45,9 +46,9 @@ EXPECTED_TEST_ERROR: dict[str, tuple[float | None, str]] = {
 
 def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     """Presets: see `PRESETS`; a ",smoke" suffix shrinks the run to 2 steps."""
-    name, smoke = config_lib.parse_preset(preset, PRESETS)
-    cfg = config_lib.default_config()
-    config_lib.set_model_preset(cfg, f"cifar10/{name.removesuffix(FULL_ANGLES_SUFFIX)}")
+    name, smoke = schema.parse_preset(preset, PRESETS)
+    cfg = schema.default_config()
+    schema.set_model_preset(cfg, f"cifar10/{name.removesuffix(FULL_ANGLES_SUFFIX)}")
     if name.endswith(FULL_ANGLES_SUFFIX):
         cfg.model.name = f"cifar10/{name}"
         cfg.model.num_angles = 16
@@ -60,5 +61,5 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     cfg.train.checkpoint_every_steps = 2000
     if smoke:
         cfg.model.widths = (8, 8, 8, 8)
-        config_lib.set_smoke(cfg, global_batch_size=16)
+        schema.set_smoke(cfg, global_batch_size=16)
     return cfg

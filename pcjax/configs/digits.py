@@ -11,15 +11,15 @@ Expected: 99.1-99.3% test top-1 in about 1.5 min of training on 2 CPU cores (mea
 
 import ml_collections
 
-from pcjax import config_lib
+from pcjax.configs import schema
 
 PRESETS = ("default",)  # append ",smoke" (or use "smoke") for a few steps on tiny widths
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the quick start); "default,smoke" or "smoke": a few steps, for tests."""
-    cfg = config_lib.default_config()
-    config_lib.set_model_preset(cfg, "digits/mod/rho_psi")
+    cfg = schema.default_config()
+    schema.set_model_preset(cfg, "digits/mod/rho_psi")
     cfg.data.name = "digits"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128
@@ -28,7 +28,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     cfg.optim.lr_decay_epochs = 10
     cfg.train.log_every_steps = 20
     cfg.train.checkpoint_every_steps = 100
-    _, smoke = config_lib.parse_preset(preset, PRESETS)
+    _, smoke = schema.parse_preset(preset, PRESETS)
     if smoke:
         cfg.model.widths = (8, 16)
         cfg.train.num_steps = 4

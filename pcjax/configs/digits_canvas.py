@@ -16,7 +16,7 @@ docs/separation/README.md.
 
 import ml_collections
 
-from pcjax import config_lib
+from pcjax.configs import schema
 
 PRESETS = ("default",)  # append ",smoke" (or use "smoke") for tiny widths and a few steps
 
@@ -27,8 +27,8 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     `model.name` is "digits_canvas/mod/rho_psi"; experiments/separation.py replaces the
     non-linearity (and block type) before training each network.
     """
-    cfg = config_lib.default_config()
-    config_lib.set_model_preset(cfg, "digits_canvas/mod/rho_psi")
+    cfg = schema.default_config()
+    schema.set_model_preset(cfg, "digits_canvas/mod/rho_psi")
     cfg.data.name = "digits_canvas"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128
@@ -39,7 +39,7 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     cfg.train.log_every_steps = 21
     cfg.train.checkpoint_every_steps = 105
     cfg.train.max_checkpoints_to_keep = 1
-    _, smoke = config_lib.parse_preset(preset, PRESETS)
+    _, smoke = schema.parse_preset(preset, PRESETS)
     if smoke:
         cfg.model.widths = (4, 8)
         cfg.data.global_batch_size = 32

@@ -27,7 +27,8 @@ Table 1's Scat column (fixed projections: 73.0, 54.1) has no preset.
 
 import ml_collections
 
-from pcjax import config_lib, layers, models
+from pcjax.configs import schema
+from pcjax.nn import layers, models
 
 PHASE_COLLAPSE_PRESETS = tuple(
     f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in layers.BLOCK_TYPES
@@ -48,17 +49,17 @@ EXPECTED_ERROR: dict[str, tuple[tuple[float, float] | None, str]] = {
 
 def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     """Presets: see `PRESETS`; a ",smoke" suffix shrinks the run to 2 steps."""
-    name, smoke = config_lib.parse_preset(preset, PRESETS)
-    cfg = config_lib.default_config()
+    name, smoke = schema.parse_preset(preset, PRESETS)
+    cfg = schema.default_config()
     cfg.data.name = "imagenet2012"
     if name in RESNET_PRESETS:
-        config_lib.set_model_preset(cfg, name)
+        schema.set_model_preset(cfg, name)
         cfg.data.global_batch_size = 256
         cfg.optim.learning_rate = 0.1
         cfg.optim.num_epochs = 90
         cfg.optim.lr_decay_epochs = 30
     else:
-        config_lib.set_model_preset(cfg, f"imagenet/{name}")
+        schema.set_model_preset(cfg, f"imagenet/{name}")
         cfg.data.global_batch_size = 128
         cfg.optim.learning_rate = 0.01
         cfg.optim.num_epochs = 150
@@ -69,5 +70,5 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
         if name not in RESNET_PRESETS:
             cfg.model.widths = (8, 8, 8, 8, 8)
         cfg.data.image_size = 64
-        config_lib.set_smoke(cfg, global_batch_size=8)
+        schema.set_smoke(cfg, global_batch_size=8)
     return cfg

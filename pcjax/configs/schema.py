@@ -14,7 +14,8 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-from pcjax import complex_ops, datasets, filters, layers, models, nonlinear, wavelets
+from pcjax.data import datasets
+from pcjax.nn import complex_ops, filters, layers, models, nonlinear, wavelets
 
 DATASET_NAMES = datasets.DATASET_NAMES
 
@@ -29,11 +30,13 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.seed = 0
 
     # The architecture, field by field; `set_model_preset` fills every field from a registry
-    # name of pcjax.models.MODELS, and each can then be overridden on the command line
+    # name of pcjax.nn.models.MODELS, and each can then be overridden on the command line
     # (--config.model.num_angles=8). The network is built from these fields (`build_model`).
     cfg.model = ml_collections.ConfigDict()
     cfg.model.name = ""  # label: the registry preset the fields started from (not read back)
-    cfg.model.arch = "phase_collapse"  # a key of pcjax.models.ARCHS: "phase_collapse" | "resnet18"
+    cfg.model.arch = (
+        "phase_collapse"  # a key of pcjax.nn.models.ARCHS: "phase_collapse" | "resnet18"
+    )
     cfg.model.widths = (1,)  # channels per block (phase_collapse) or per stage (resnet18, 4)
     cfg.model.nonlinearity = "mod"  # phase_collapse: mod|cst|ms|mc|tanh|pow; resnet18: relu|...
     # Fields below apply to phase_collapse only.
@@ -78,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.eval_steps = config_dict.placeholder(int)  # None: the whole eval split (exact)
     cfg.train.checkpoint_every_steps = 1000
     cfg.train.max_checkpoints_to_keep = 3  # the newest k; the best eval top-1 is kept besides
-    # Divergence (pcjax.health): a step whose loss, gradient norm or parameter norm exceeds
+    # Divergence (pcjax.training.health): a step whose loss, gradient norm or parameter norm exceeds
     # spike_factor x its median over the last spike_window healthy steps opens a spike; one
     # lasting spike_patience steps (or any non-finite step) stops the run and sets aside the
     # checkpoints written since it began.
@@ -87,8 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.spike_patience = 10
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
     cfg.train.events_dir = ""  # TensorBoard events (written by TensorFlow); "": the workdir
-    # Opt-in, for CPU benchmarks through `pcjax.train.run`: steps run one at a time and reuse
-    # the last step's host memory instead of page-faulting fresh memory in (pcjax.host_memory).
+    # Opt-in, for CPU benchmarks through `launch.run`: steps run one at a time and reuse
+    # the last step's host memory instead of page-faulting fresh memory in (training.host_memory).
     # Nothing is changed on GPU/TPU hosts.
     cfg.train.cpu_reuse_step_memory = False
     return cfg
@@ -98,7 +101,7 @@ NONLINEARITY_PARAMS = ("threshold", "gain", "bias")  # fields `<param>_init` of 
 
 
 def set_model_preset(cfg: ml_collections.ConfigDict, name: str) -> None:
-    """Fills every field of `cfg.model` from the registry network `name` (pcjax.models.MODELS).
+    """Fills every field of `cfg.model` from the registry network `name` (pcjax.nn.models.MODELS).
 
     Resets the initial values to the paper's (None) and `learn_nonlinearity` to True; keeps
     `wavelet_method` and `precision` (how to compute, not what).
@@ -325,7 +328,7 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
     Opens the splits without reading a record; the error carries the command that prepares
     the dataset. Imports TensorFlow, so it is separate from `validate`.
     """
-    from pcjax import input_pipeline
+    from pcjax.data import input_pipeline
 
     try:
         input_pipeline.check_prepared(config.data.name, config.data.data_dir)
@@ -352,7 +355,7 @@ def _check_geometry(config: ml_collections.ConfigDict) -> None:
 
 
 def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """Constructor arguments of `pcjax.models.ARCHS[config.model.arch]`, all but num_classes."""
+    """Constructor arguments of `pcjax.nn.models.ARCHS[config.model.arch]`, all but num_classes."""
     m = config.model
     if m.arch == "resnet18":
         return {"widths": tuple(m.widths), "nonlinearity": m.nonlinearity}

@@ -1,6 +1,6 @@
 """Per-example image preprocessing in TensorFlow: the augmentations of docs/spec.md §4.
 
-Pure functions of one example and a stateless seed, used by `pcjax.input_pipeline` inside
+Pure functions of one example and a stateless seed, used by `pcjax.data.input_pipeline` inside
 tf.data maps. CIFAR-10 and ImageNet images come out as uint8 in [0, 255] (the resized ImageNet
 crops rounded to the nearest level, as torchvision's PIL resize does before `ToTensor`); the
 normalisation by the ImageNet mean and std runs on the device (`datasets.normalize_images`).
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import tensorflow as tf
 from absl import logging
 
-from pcjax.datasets import IMAGENET_MEAN, IMAGENET_STD
+from pcjax.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 
 # torchvision's RandomResizedCrop defaults (docs/spec.md §4.1).
 CROP_AREA_RANGE = (0.08, 1.0)

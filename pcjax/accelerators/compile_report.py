@@ -1,7 +1,7 @@
 """The compile-only report: per-device memory, HBM traffic, time estimates and img/s, as text.
 
 Time per step is the compiler's own estimate where it gives a positive one, else a roofline
-estimate from the datasheet (`pcjax.targets.Chip`): max(FLOPs / peak FLOP/s at the model's
+estimate from the datasheet (`accelerators.targets.Chip`): max(FLOPs / peak FLOP/s at the model's
 matmul precision, bytes accessed / HBM bandwidth). Both ignore the overlap of the gradient
 all-reduce with compute, and the input pipeline.
 """
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pcjax import targets
-from pcjax.compile_only import Result, StepReport
+from pcjax.accelerators import targets
+from pcjax.accelerators.compile_only import Result, StepReport
 
 
 def roofline_seconds(report: StepReport, chip: targets.Chip, precision: str) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 from etils import epath
 
-from pcjax import checkpoint
+from pcjax.training import checkpoint
 
 LOCK, GUARD = "lock", "lock.guard"
 CONFIG, HISTORY = "config.json", "config_history.jsonl"

@@ -5,7 +5,7 @@ phi * U and the L wavelet coefficients psi_theta * U (docs/spec.md 2.2):
 
 1. reflect-pad each spatial axis from M to Mp = 2 (floor((M + 2) / 2) + 1) samples;
 2. circular convolution on the padded grid, computed in the Fourier domain with the bank's real
-   Fourier filters (`pcjax.filters.filter_bank`);
+   Fourier filters (`pcjax.nn.filters.filter_bank`);
 3. if the bank subsamples: fold the spectrum (exact decimation y[2m, 2n]) and crop 1 sample per
    side; otherwise crop 2 samples per side.
 
@@ -25,7 +25,7 @@ Three methods compute the same linear operator:
   under the precision policy, and there are no awkward FFT sizes (228 = 2^2 3 19).
 
 "auto" picks per backend (`choose_method`). Matmuls follow the precision policy of
-`pcjax.complex_ops` (default "highest": float32 products).
+`pcjax.nn.complex_ops` (default "highest": float32 products).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax import complex_ops, filters
+from pcjax.nn import complex_ops, filters
 
 Method = Literal["fft", "spatial", "matmul", "auto"]
 METHODS = ("fft", "spatial", "matmul", "auto")
@@ -291,12 +291,12 @@ def wavelet_coefficients(
     Args:
         x: float32 or complex64[batch, h, w, c], h and w >= 3.
         num_angles: L, the number of wavelet orientations.
-        mode: filter mode, one of `pcjax.filters.FILTER_MODES`.
+        mode: filter mode, one of `pcjax.nn.filters.FILTER_MODES`.
         method: "fft", "spatial" (dense operator), "matmul" (per-axis matrices) or "auto" (by
             size and backend); same numbers either way.
         guard_gradients: zero NaN/Inf cotangents flowing into `x` (as the reference does).
         precision: matmul policy of the spatial and matmul paths (`complex_ops.PRECISIONS`).
-        full_angles: orientations over 2 pi instead of pi (`pcjax.filters.angles`).
+        full_angles: orientations over 2 pi instead of pi (`pcjax.nn.filters.angles`).
         backend: the platform "auto" resolves for (None: `jax.default_backend()`); a program
             compiled for other devices than the host's passes theirs.
 

@@ -1,10 +1,10 @@
-"""Command-line entry shared by the experiment mains: flags, logging, then `train.run`.
+"""Command-line entry shared by the experiment mains: flags, logging, then `launch.run`.
 
-Each main is `cli.main(default_config)`; anything a notebook needs is `pcjax.train.run` or
-`pcjax.train.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line;
-an unexpected error's traceback goes to a file it names), `train.PREEMPTED_EXIT_CODE` (143)
+Each main is `cli.main(default_config)`; anything a notebook needs is `pcjax.training.launch.run` or
+`loop.train_and_evaluate`, not this module. Exit status: 0 finished, 1 error (one line;
+an unexpected error's traceback goes to a file it names), `preemption.PREEMPTED_EXIT_CODE` (143)
 stopped by SIGTERM after saving. With `--compile_for=TARGET` the mains train nothing: they
-compile the steps for that accelerator (`pcjax.compile_only`) and print the report, or exit 1
+compile the steps for that accelerator (`accelerators.compile_only`) and print the report, or exit 1
 with the one-line answer when the step does not fit.
 """
 
@@ -50,7 +50,7 @@ def _usage(default_config: str) -> str:
 Config: --config=FILE[:PRESET] (default {default_config}).
 Presets of {default_config.split(":", 1)[0]}: {_presets(default_config)}
 Override any field after it: --config.train.num_steps=100 --config.optim.learning_rate=0.1
-  --config.model.widths='(8,16)'  (the keys are those of pcjax.config_lib.default_config).
+  --config.model.widths='(8,16)'  (the keys are those of pcjax.configs.schema.default_config).
 Multi-process: --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every
   process (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed
   to detect them from SLURM, Open MPI, Kubernetes or Cloud TPU.
@@ -73,7 +73,8 @@ def main(default_config: str) -> None:
     from absl import app, flags, logging
     from ml_collections import config_flags
 
-    from pcjax import checkpoint, config_lib, train, workdir
+    from pcjax.configs import schema
+    from pcjax.training import checkpoint, launch, loop, preemption, workdir
 
     try:  # ml_collections applies the --config.* overrides here
         config = config_flags.DEFINE_config_file(
@@ -107,10 +108,10 @@ def main(default_config: str) -> None:
         "local, ...) and print memory, FLOPs and estimated speed.",
     )
     expected = (
-        config_lib.ConfigError,
+        schema.ConfigError,
         checkpoint.CheckpointError,
         workdir.WorkdirError,
-        train.Diverged,
+        loop.Diverged,
     )
 
     def run(argv: list[str]) -> None:
@@ -123,7 +124,7 @@ def main(default_config: str) -> None:
             raise app.UsageError("--workdir is required.")
         logging.set_verbosity(logging.INFO)
         try:
-            result = train.run(
+            result = launch.run(
                 config.value,
                 workdir_flag.value,
                 distributed.value,
@@ -131,9 +132,9 @@ def main(default_config: str) -> None:
                 num_processes.value,
                 process_id.value,
             )
-        except train.Preempted as stopped:
+        except preemption.Preempted as stopped:
             logging.warning("%s", stopped)
-            sys.exit(train.PREEMPTED_EXIT_CODE)
+            sys.exit(preemption.PREEMPTED_EXIT_CODE)
         except expected as error:
             sys.exit(f"error: {type(error).__name__}: {error}")
         except Exception as error:  # anything else: one line, the traceback in a file
@@ -145,9 +146,9 @@ def main(default_config: str) -> None:
 
 def _bad_override(args: list[str], error: BaseException) -> str:
     """One line for a --config.* override that names no field: the key and the valid ones."""
-    from pcjax import config_lib
+    from pcjax.configs import schema
 
-    schema = config_lib.default_config()
+    schema = schema.default_config()
     for arg in args:
         if not arg.startswith("--config."):
             continue
@@ -179,13 +180,14 @@ def _log_traceback() -> str:
 
 def _compile_for(config, target: str) -> None:
     """The --compile_for path: the report on stdout, or one line and exit status 1."""
-    from pcjax import compile_only, config_lib, targets
+    from pcjax.accelerators import compile_only, targets
+    from pcjax.configs import schema
 
     try:
         print(compile_only.check(config, target))
     except (ValueError, targets.MissingCompiler, compile_only.OutOfMemory) as error:
         kind = "" if isinstance(error, compile_only.OutOfMemory) else "error: "
-        if isinstance(error, config_lib.ConfigError):
+        if isinstance(error, schema.ConfigError):
             kind = "error: ConfigError: "
         sys.exit(f"{kind}{error}")
 

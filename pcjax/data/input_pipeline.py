@@ -20,7 +20,7 @@ reported with its shard file and index.
 Executor (measured in docs/benchmarks/input_pipeline.md): a NumPy index sampler and one
 random-access read per record (`source[i]`) inside a tf.data graph (a `tf.numpy_function` per
 step, two steps read concurrently), then the TF per-example preprocessing of
-`pcjax.preprocessing` (image decoding included) in a parallel, order-preserving map. Grain
+`pcjax.data.preprocessing` (image decoding included) in a parallel, order-preserving map. Grain
 0.2.18 installs on Python 3.11 but was not adopted: its sampler does the same index arithmetic
 and tf.data already runs our TF preprocessing in parallel, without one more dependency.
 
@@ -47,8 +47,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pcjax import preprocessing, toy_data
-from pcjax.datasets import (
+from pcjax.data import digits, preprocessing
+from pcjax.data.datasets import (
     image_shape,
     num_eval_batches,
     per_process_batch_size,
@@ -215,7 +215,7 @@ def open_source(
     """
     dataset = spec(name)
     if not dataset.tfds:
-        return ArraySource(*toy_data.load_split(name, split, image_size))
+        return ArraySource(*digits.load_split(name, split, image_size))
     import tensorflow_datasets as tfds
 
     builder = None
@@ -329,7 +329,7 @@ def _train_image_fn(name: str, image_size: int) -> Callable[[tf.Tensor, tf.Tenso
     if name == "digits_canvas":
         return lambda image, seed: image  # no augmentation: the placements are the variability
     padding = image_size // 8
-    fill_value = toy_data.digits_background_value(image_size)
+    fill_value = digits.digits_background_value(image_size)
     return lambda image, seed: preprocessing.pad_and_random_crop(image, padding, seed, fill_value)
 
 
@@ -521,7 +521,7 @@ def _put(out: queue.Queue, stop: threading.Event, item: Any) -> bool:
 
 def _fill(host_batches: Iterator, mesh: Any, out: queue.Queue, stop: threading.Event) -> None:
     """Producer thread of `DevicePrefetcher`: global device batches, then a final marker."""
-    from pcjax import sharding
+    from pcjax.training import sharding
 
     try:
         for batch in host_batches:

@@ -12,7 +12,7 @@ kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s fo
   so a step's temporaries are freed before the next step allocates its own. With asynchronous
   dispatch the next steps allocate while the current one runs, and the heap grows instead.
 
-`reuse_step_memory` applies both where JAX runs on the CPU alone; `pcjax.train.run` calls it
+`reuse_step_memory` applies both where JAX runs on the CPU alone; `launch.run` calls it
 only when `config.train.cpu_reuse_step_memory` is set (off by default), the benchmarks always.
 Neither changes a computed number. On GPU/TPU the device allocator already reuses memory, and
 nothing here applies.
@@ -46,7 +46,7 @@ def synchronous_cpu_dispatch() -> None:
     """Makes the CPU backend finish each computation before the call returns.
 
     JAX reads this setting when it creates its backends (at the first computation or device
-    query): call it before those, as `pcjax.train.run` does; afterwards it has no effect.
+    query): call it before those, as `pcjax.training.launch.run` does; afterwards it has no effect.
     Computations on GPU/TPU are not affected.
     """
     jax.config.update("jax_cpu_enable_async_dispatch", False)

@@ -5,8 +5,8 @@ Registry names are "<dataset>/<non-linearity>/<block type>" for phase-collapse n
 "cifar10/mod/rho_psi", "imagenet/mod/linear_plus_rho", "cifar10/cst/linear_plus_rho", and
 "resnet18/<non-linearity>" for the baselines, e.g. "resnet18/thresh". See `MODEL_NAMES`.
 A registry name is a preset: experiment configs copy its constructor fields into `config.model`
-(`pcjax.config_lib.set_model_preset`), where each can be changed, and build the network from
-those fields (`pcjax.config_lib.build_model`); `ARCHS` maps `config.model.arch` to the class.
+(`pcjax.configs.schema.set_model_preset`), where each can be changed, and build the network from
+those fields (`pcjax.configs.schema.build_model`); `ARCHS` maps `config.model.arch` to the class.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pcjax import filters, layers, nonlinear
+from pcjax.nn import filters, layers, nonlinear
 
 
 class PhaseCollapseNet(nn.Module):

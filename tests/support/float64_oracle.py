@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pcjax import filters
+from pcjax.nn import filters
 
 EPS_STD = 1e-5
 

@@ -1,7 +1,7 @@
 """Morlet/Gabor filter banks of the phase-collapse networks (NumPy, float64, pure).
 
 Filters are designed once in float64 NumPy, on the padded grid of a block's input, and handed to
-the JAX transform (`pcjax.wavelets`) as constant arrays. Paper symbols: `L` angles, `sigma`
+the JAX transform (`pcjax.nn.wavelets`) as constant arrays. Paper symbols: `L` angles, `sigma`
 envelope width, `xi` centre frequency (radians per sample), `theta` orientation, `slant` the
 envelope's aspect ratio. Rows are the first spatial axis (H), columns the second (W).
 """

@@ -1,253 +1,33 @@
-"""Training and evaluation: explicit state, one jitted data-parallel step, resume by default.
-
-Public vocabulary: `TrainState`, `create_train_state`, `train_step`, `eval_step`, `evaluate`,
-`train_and_evaluate(config, workdir)`. The recipe is docs/spec.md 4: cross-entropy, SGD with
-momentum 0.9 (no Nesterov), coupled L2 weight decay on every parameter, step learning-rate
-decay by epoch.
-
-Parallelism: the state is replicated and the batch sharded over a 1-D "data" mesh of every
-device of every process; `train_step` is written for the global batch and XLA inserts the
-all-reduces. Batch statistics (Std, BatchNorm) are therefore those of the *global* batch, where
-the reference's `DataParallel` used per-GPU sub-batches (docs/spec.md 7.5).
-"""
+"""The training loop: claim the workdir, build the steps, restore, then step, log, evaluate,
+save and stop on SIGTERM or divergence; `train_and_evaluate(config, workdir)` is the whole run."""
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import logging as std_logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import struct
 
-from pcjax import checkpoint, config_lib, datasets, health, host_memory, metrics, sharding
-from pcjax import workdir as workdir_lib
+from pcjax.configs import schema
+from pcjax.data import datasets
+from pcjax.training import checkpoint, health, sharding
+from pcjax.training import workdir as workdir_lib
+from pcjax.training.preemption import Preempted, Stopper
+from pcjax.training.train import Batch, TrainState, _steps, build_steps, evaluate
 
-if TYPE_CHECKING:  # CLU's writers import TensorFlow: imported where used, so that the steps
-    from clu import metric_writers  # (`build_steps`) come without it
-
-Batch = dict[str, jax.Array]
-
-# Exit status of a run stopped by SIGTERM after saving (128 + SIGTERM, as a shell reports it):
-# not 0, so that a scheduler does not take a preempted job for a finished one.
-PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
-
-
-class Preempted(Exception):
-    """SIGTERM reached a process: every process saved step `step` and stopped."""
-
-    def __init__(self, step: int, path: str):
-        super().__init__(
-            f"Preempted: saved step {step} in {path}; rerun the same command to resume."
-        )
-        self.step = step
+if TYPE_CHECKING:
+    from clu import metric_writers
 
 
 class Diverged(FloatingPointError):
     """The loss or the state blew up (non-finite, or a lasting spike); the checkpoints written
     since the spike began were set aside, so a rerun resumes from a healthy one."""
-
-
-class TrainState(struct.PyTreeNode):
-    """Everything a step reads and writes; checkpointed whole."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    apply_fn: Callable = struct.field(pytree_node=False)
-    tx: optax.GradientTransformation = struct.field(pytree_node=False)
-
-
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int):
-    """lr0 * factor ** floor(epoch / decay_epochs): constant within an epoch, as the reference."""
-    o = config.optim
-    boundary = o.lr_decay_epochs * steps_per_epoch
-
-    def schedule(step):
-        return o.learning_rate * o.lr_decay_factor ** (step // boundary)
-
-    return schedule
-
-
-def create_optimizer(
-    config: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """torch.optim.SGD semantics: g + wd * p, momentum buffer without dampening, then -lr."""
-    o = config.optim
-    return optax.chain(
-        optax.add_decayed_weights(o.weight_decay),
-        optax.sgd(
-            learning_rate_schedule(config, steps_per_epoch),
-            momentum=o.momentum or None,
-            nesterov=o.nesterov,
-        ),
-    )
-
-
-def create_train_state(
-    model: nn.Module,
-    tx: optax.GradientTransformation,
-    rng: jax.Array,
-    image_shape: tuple[int, int, int],
-) -> TrainState:
-    """Initialises parameters, batch statistics and optimizer state (pure; jit it to place it)."""
-    variables = model.init(rng, jnp.zeros((2, *image_shape), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        apply_fn=model.apply,
-        tx=tx,
-    )
-
-
-def _global_norm(tree: Any) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def _all_finite(*trees: Any) -> jax.Array:
-    """float32 1.0 if every element of every leaf is finite, else 0.0 (one fused reduction)."""
-    leaves = jax.tree_util.tree_leaves(trees)
-    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]).all().astype(jnp.float32)
-
-
-def train_step(
-    state: TrainState, batch: Batch, learning_rate_fn: Callable
-) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One SGD step on the global batch; returns the new state and scalar metrics."""
-
-    images = datasets.normalize_images(batch["image"])  # uint8 input is normalised on device
-
-    def loss_fn(params):
-        logits, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats},
-            images,
-            train=True,
-            mutable=["batch_stats"],
-        )
-        sums = metrics.classification_sums(logits, batch["label"])
-        return sums["loss"] / sums["count"], (sums, updates)
-
-    (loss, (sums, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    step_updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, step_updates)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=params,
-        batch_stats=updates.get("batch_stats", state.batch_stats),
-        opt_state=opt_state,
-    )
-    out = {
-        "loss": loss,
-        "top1": sums["top1"] / sums["count"],
-        "top5": sums["top5"] / sums["count"],
-        "grad_norm": _global_norm(grads),
-        "param_norm": _global_norm(params),
-        "learning_rate": jnp.asarray(learning_rate_fn(state.step), jnp.float32),
-        # 1.0 when the loss and the state after this step are finite; checked before any save.
-        "finite": _all_finite(loss, new_state.params, new_state.batch_stats),
-    }
-    return new_state, out
-
-
-def eval_step(state: TrainState, batch: Batch) -> dict[str, jax.Array]:
-    """Masked metric sums on one (possibly padded) evaluation batch, with running statistics."""
-    images = datasets.normalize_images(batch["image"])  # uint8 input is normalised on device
-    logits = state.apply_fn(
-        {"params": state.params, "batch_stats": state.batch_stats}, images, train=False
-    )
-    return metrics.classification_sums(logits, batch["label"], batch.get("mask"))
-
-
-def evaluate(
-    p_eval_step: Callable,
-    state: TrainState,
-    batches: Iterator[dict[str, np.ndarray]],
-    mesh: jax.sharding.Mesh,
-    max_steps: int | None = None,
-) -> dict[str, float]:
-    """Runs `p_eval_step` over (padded, masked) batches; exact top-1/top-5 over real examples."""
-    total = None
-    for i, batch in enumerate(batches):
-        if max_steps is not None and i >= max_steps:
-            break
-        sums = p_eval_step(state, sharding.shard_batch(batch, mesh))
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
-    if total is None:
-        raise ValueError("The evaluation dataset yielded no batch.")
-    return metrics.finalize(jax.device_get(total))
-
-
-def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    """Train steps in one epoch: an epoch's last partial batch is dropped."""
-    return max(1, num_train_examples // config.data.global_batch_size)
-
-
-def _steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[int, int, int]:
-    """(steps_per_epoch, num_steps, eval_every_steps)."""
-    per_epoch = steps_per_epoch(config, num_train_examples)
-    num_steps = config.train.num_steps or config.optim.num_epochs * per_epoch
-    eval_every = config.train.eval_every_steps or per_epoch
-    return per_epoch, num_steps, eval_every
-
-
-class _Stopper:
-    """SIGTERM (a preemption notice) sets a local flag; `poll` says when every process stops.
-
-    One process may receive the signal and another not, or at different steps. With several
-    processes the flags are max-reduced over the mesh after every step and the result is read
-    one step later, so that every process stops after the same step without a host sync per
-    step (XLA runs the reduction after the step it follows).
-    """
-
-    def __init__(self, mesh: jax.sharding.Mesh):
-        self.set = False
-        self._previous = None
-        self._mesh = mesh
-        self._pending = None
-        self._reduce = jax.jit(jnp.max, out_shardings=sharding.replicated(mesh))
-
-    def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread (e.g. some notebook runners)
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        logging.warning("SIGTERM received: saving a checkpoint and stopping.")
-        self.set = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def poll(self) -> bool:
-        """Whether to stop now; call once per step on every process."""
-        if jax.process_count() == 1:
-            return self.set
-        decided = self._pending is not None and bool(jax.device_get(self._pending))
-        local = np.full((jax.local_device_count(),), int(self.set), np.int32)
-        with jax.transfer_guard("allow"):  # intended: this process's flag onto its devices
-            flags = jax.make_array_from_process_local_data(
-                sharding.batch_sharded(self._mesh), local
-            )
-        self._pending = self._reduce(flags)
-        return decided
 
 
 @dataclasses.dataclass
@@ -276,13 +56,13 @@ def input_pipelines(
 ) -> tuple[Iterator[Batch], Callable[[], Iterator[dict[str, np.ndarray]]]]:
     """(global train batches from `start_step`, already on the devices; a function giving a
     fresh pass over the eval set as host batches)."""
-    from pcjax import data, input_pipeline  # TensorFlow imports; kept out of the maths modules
+    from pcjax.data import input_pipeline  # TensorFlow: imported where used
 
     d = config.data
     train_batches = input_pipeline.create_train_iterator(config, start_step, mesh)
 
     def eval_batches() -> Iterator[dict[str, np.ndarray]]:
-        ds, _ = data.create_eval_dataset(
+        ds, _ = input_pipeline.create_eval_dataset(
             d.name,
             global_batch_size=d.eval_global_batch_size or d.global_batch_size,
             data_dir=d.data_dir,
@@ -318,74 +98,34 @@ def _claim_workdir(config: ml_collections.ConfigDict, path: Any, latest: int | N
 
 def setup(config: ml_collections.ConfigDict, workdir_url: str) -> tuple[Run, Any]:
     """Validates, claims the workdir, builds model/state/steps/data, restores; (run, lock)."""
-    from pcjax import data
 
     mesh = sharding.make_mesh()
-    config_lib.validate(config, device_count=mesh.size, process_count=jax.process_count())
-    config_lib.validate_data(config)
+    schema.validate(config, device_count=mesh.size, process_count=jax.process_count())
+    schema.validate_data(config)
     path = workdir_lib.prepare(workdir_url)
     manager = checkpoint.create_manager(
         path, config.train.checkpoint_every_steps, config.train.max_checkpoints_to_keep
     )
     lock = _claim_workdir(config, path, manager.latest_step())
     try:
-        return _build(config, path, mesh, manager, data), lock
+        return _build(config, path, mesh, manager), lock
     except BaseException:
         if lock is not None:
             workdir_lib.release_lock(lock)
         raise
 
 
-@dataclasses.dataclass(frozen=True)
-class Steps:
-    """The trainer's jitted programs on one mesh, as `build_steps` makes them."""
-
-    model: nn.Module
-    init: Callable  # rng key -> replicated TrainState
-    train_step: Callable  # (state, sharded batch) -> (state, metrics); donates the state
-    eval_step: Callable  # (state, sharded batch) -> metric sums
-
-
-def build_steps(
-    config: ml_collections.ConfigDict,
-    mesh: jax.sharding.Mesh,
-    steps_per_epoch: int,
-    image_shape: tuple[int, int, int],
-) -> Steps:
-    """The model and the jitted init, train and eval steps the trainer runs on `mesh`.
-
-    State replicated, batch split over the "data" axis, the train step donating the state.
-    The model is built for the platform of the mesh's devices (wavelet_method="auto"), so that
-    a program compiled ahead of time for other devices than the host's is the one they run.
-    """
-    model = config_lib.build_model(config, backend=mesh.devices.flat[0].platform)
-    tx = create_optimizer(config, steps_per_epoch)
-    replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
-    init = jax.jit(
-        functools.partial(create_train_state, model, tx, image_shape=image_shape),
-        out_shardings=replicated,
-    )
-    p_train_step = jax.jit(
-        functools.partial(
-            train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
-        ),
-        in_shardings=(replicated, batched),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
-    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
-    return Steps(model=model, init=init, train_step=p_train_step, eval_step=p_eval_step)
-
-
-def _build(config, path, mesh, manager, data) -> Run:
+def _build(config, path, mesh, manager) -> Run:
     """The model, state, compiled steps and input of `setup`, once the workdir is claimed."""
     from clu import parameter_overview, periodic_actions
 
+    from pcjax.data import input_pipeline
+
     writer = _events_writer(config, path)
     steps_per_epoch, num_steps, eval_every = _steps(
-        config, data.num_train_examples(config.data.name, config.data.data_dir)
+        config, input_pipeline.num_train_examples(config.data.name, config.data.data_dir)
     )
-    image_shape = data.image_shape(config.data.name, config.data.image_size)
+    image_shape = datasets.image_shape(config.data.name, config.data.image_size)
     steps = build_steps(config, mesh, steps_per_epoch, image_shape)
     state = steps.init(jax.random.key(config.seed))
     state, loop_state, restored = checkpoint.restore_latest(manager, state)
@@ -590,11 +330,11 @@ def train_loop(run: Run) -> dict[str, float]:
     """Steps `run` from its start to its end; returns the final eval metrics.
 
     Raises `Preempted` after saving when SIGTERM reached any process, `Diverged` when the
-    loss or state blows up (pcjax.health), after setting aside what was saved since.
+    loss or state blows up (pcjax.training.health), after setting aside what was saved since.
     """
     loop = _Loop(run)
     step, stop = run.start_step, False
-    with _Stopper(run.mesh) as stopper, jax.transfer_guard("disallow"):
+    with Stopper(run.mesh) as stopper, jax.transfer_guard("disallow"):
         while step < run.num_steps and not stop:
             batch = next(run.train_batches)  # global, already on the devices
             with jax.profiler.StepTraceAnnotation("train", step_num=step):
@@ -642,59 +382,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             workdir_lib.release_lock(lock)
     logging.info("Finished at step %d: %s", run.num_steps, json.dumps(result))
     return result
-
-
-class _QuietOrbax(std_logging.Filter):
-    """Drops Orbax's INFO chatter (several lines per save); its warnings still show."""
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-
-
-def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> None:
-    """Joins a multi-process job: explicit coordinator/count/id, or the cluster's own (SLURM,
-    Open MPI, Kubernetes, Cloud TPU) when all three are None."""
-    given = [coordinator_address, num_processes, process_id]
-    if any(v is not None for v in given) and any(v is None for v in given):
-        raise config_lib.ConfigError(
-            f"Give all of coordinator_address={coordinator_address!r}, "
-            f"num_processes={num_processes!r}, process_id={process_id!r}, or none of them "
-            "(auto-detection from the cluster)."
-        )
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    distributed: bool = False,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> dict[str, float]:
-    """Entry point shared by the experiment mains: optional multi-process set-up, then training.
-
-    With `distributed` (or an explicit coordinator), `jax.distributed.initialize` joins the
-    other processes; every process then runs this same function. With
-    `config.train.cpu_reuse_step_memory` (off by default) CPU runs reuse step memory
-    (see `pcjax.host_memory`).
-    """
-    # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
-    logging.get_absl_handler().addFilter(_QuietOrbax())
-    if distributed or coordinator_address is not None:
-        initialize_distributed(coordinator_address, num_processes, process_id)
-    if config.train.cpu_reuse_step_memory and host_memory.reuse_step_memory():
-        logging.info("CPU steps run synchronously and reuse freed host memory.")
-    logging.info(
-        "process %d/%d, %d local / %d global devices (%s)",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        jax.device_count(),
-        jax.devices()[0].platform,
-    )
-    return train_and_evaluate(config, workdir)

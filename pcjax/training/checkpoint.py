@@ -3,7 +3,7 @@
 Every path goes through `etils.epath`, which Orbax and TensorStore accept for local folders and
 object stores alike. A checkpoint is a `Composite` of two items: "state" (the train state) and
 "loop" (a small JSON dict: best eval top-1, last eval metrics, the spike monitor's statistics),
-plus "checksums", the per-array checksums of the state (`pcjax.checksums`). Restoring verifies
+plus "checksums", the per-array checksums of the state (`training.checksums`). Restoring verifies
 them and falls back from a damaged latest step to the newest one that restores and verifies.
 The newest `max_to_keep` steps are kept, and the step of the best eval top-1 besides.
 """
@@ -22,7 +22,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint import checkpoint_managers
 
-from pcjax import checksums
+from pcjax.training import checksums
 
 STATE, LOOP, CHECKSUMS = "state", "loop", "checksums"
 DAMAGED, DIVERGED = "damaged_checkpoints", "diverged_checkpoints"

@@ -1,7 +1,7 @@
 """The trainer's train and eval steps compiled for an accelerator this machine may not have.
 
-`check(config, target_name)` builds the steps with `pcjax.train.build_steps` (the trainer's own
-code) over compile-only devices of a TPU slice or GPUs (`pcjax.targets`), feeds them
+`check(config, target_name)` builds the steps with `train.build_steps` (the trainer's own
+code) over compile-only devices of a TPU slice or GPUs (`pcjax.accelerators.targets`), feeds them
 `ShapeDtypeStruct`s (the replicated state, the batch split over "data", uint8 images as the
 input pipeline sends them), compiles, and reports per-device memory, FLOPs, HBM traffic, a
 time estimate and the bytes all-reduced per step. A step that does not fit raises
@@ -25,7 +25,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pcjax import checkpoint, config_lib, datasets, sharding, targets, train
+from pcjax.accelerators import targets
+from pcjax.configs import schema
+from pcjax.data import datasets
+from pcjax.training import checkpoint, sharding, train
 
 LOCAL = "local"  # the devices this process sees: compile, then run the step too
 _SIZE = re.compile(r"([\d.]+)\s*([KMGT]i?B?|B)?\b")
@@ -428,7 +431,7 @@ class Result:
     param_bytes: int
 
     def table(self) -> str:
-        from pcjax import compile_report
+        from pcjax.accelerators import compile_report
 
         return compile_report.format_report(self)
 
@@ -437,11 +440,11 @@ def run(config: ml_collections.ConfigDict, name: str, repeats: int = 5) -> Resul
     """Compiles the train and eval steps of `config` for target `name`; where the devices are
     real, also runs the train step `repeats` times.
 
-    Raises ValueError for an unknown name, `config_lib.ConfigError` for a config the target
+    Raises ValueError for an unknown name, `schema.ConfigError` for a config the target
     cannot run, `targets.MissingCompiler`, and `OutOfMemory` with the one-line answer.
     """
     setup = setup_target(name)
-    config_lib.validate(config, device_count=setup.mesh.size, process_count=setup.hosts)
+    schema.validate(config, device_count=setup.mesh.size, process_count=setup.hosts)
     steps = _steps(config, setup.mesh)  # one model and one state trace for both steps
     state = state_struct(steps, setup.mesh)
     reports = {}

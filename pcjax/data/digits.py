@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from pcjax.datasets import (
+from pcjax.data.datasets import (
     DIGITS_CANVAS_DIGIT_SIZE,
     DIGITS_CANVAS_SIZE,
     check_canvas_size,

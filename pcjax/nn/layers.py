@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax import complex_ops, nonlinear, wavelets
+from pcjax.nn import complex_ops, nonlinear, wavelets
 
 BLOCK_TYPES = ("rho_psi", "linear_plus_rho")
-PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.complex_ops`
+PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.nn.complex_ops`
 # Initial values of learned non-linearity parameters in the paper's runs (docs/spec.md 3.8).
 DEFAULT_NONLINEARITY_INIT: dict[str, dict[str, float]] = {
     "cst": {"threshold": 0.1},

@@ -1,0 +1,1 @@
+"""Test support: the float64 NumPy oracle and synthetic TFDS datasets."""
