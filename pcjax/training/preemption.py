@@ -32,7 +32,8 @@ class Preempted(Exception):
 
 
 class Stopper:
-    """SIGTERM (a preemption notice) sets a local flag; `poll` says when every process stops.
+    """SIGTERM (what a scheduler sends before it preempts a job) sets a local flag; `poll` says
+    when every process stops.
 
     One process may receive the signal and another not, or at different steps. With several
     processes the flags are max-reduced over the mesh after every step and the result is read
