@@ -246,7 +246,7 @@ def test_linear_probe_separable_and_random_labels():
 
 @pytest.fixture(scope="module")
 def tiny_net():
-    model = models.build_model("digits/mod/rho_psi", widths=(4, 6), num_classes=NUM_CLASSES)
+    model = models.PhaseCollapseNet(widths=(4, 6), num_classes=NUM_CLASSES)
     variables = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + IMAGE_SHAPE), train=False))(
         jax.random.key(0)
     )
@@ -333,8 +333,7 @@ def test_layerwise_separation_matches_oracles(tiny_net):
         lambda: ({"image": i, "label": lb, "mask": m} for i, lb, m in train),
         NUM_CLASSES,
         eval_batches=test,
-        linear_probe=True,
-        probe_steps=10,
+        options=analysis.LayerwiseOptions(linear_probe=True, probe_steps=10),
     )
     assert list(res) == ["input", "block0", "block1"]
     for layer, r in res.items():
@@ -525,8 +524,35 @@ def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
             assert a.dtype == b.dtype
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1,) + IMAGE_SHAPE)), out)  # usable
 
-    other = models.build_model("digits/mod/rho_psi", widths=(4, 8), num_classes=NUM_CLASSES)
+    other = models.PhaseCollapseNet(widths=(4, 8), num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="shape"):
         analysis.load_variables_from_workdir(tmp_path, other, IMAGE_SHAPE)
     with pytest.raises(FileNotFoundError):
         analysis.load_variables_from_workdir(tmp_path / "nowhere", model, IMAGE_SHAPE)
+
+
+def _pcjax_imports(path):
+    """The pcjax modules a source file imports (absolute imports only, as the package uses)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n.startswith("pcjax.")}
+
+
+def test_import_direction():
+    """analysis uses nn and the checkpoint reader only; nn, training and data never use it."""
+    import pathlib
+
+    package = pathlib.Path(analysis.__file__).parent
+    allowed = ("pcjax.analysis.", "pcjax.nn.", "pcjax.training.checkpoint")
+    for path in package.glob("*.py"):
+        for name in _pcjax_imports(path):
+            assert name.startswith(allowed), f"{path.name} imports {name}"
+    for sub in ("nn", "training", "data"):
+        for path in (package.parent / sub).rglob("*.py"):
+            assert not any("analysis" in n for n in _pcjax_imports(path)), path

@@ -1,7 +1,8 @@
-"""Smoke test of experiments/separation.py: lr grid on a validation split, seeds, resume, report."""
+"""The separation study (experiments/separation.py): lr grid on a validation split, seeds,
+training through the trainer's loop, a rerun that reuses finished runs, the report."""
 
 import csv
-import importlib.util
+import importlib
 import math
 import os
 
@@ -10,16 +11,17 @@ import pytest
 
 from pcjax.configs import digits_canvas
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 
 
 @pytest.fixture(scope="module")
 def separation():
-    path = os.path.join(ROOT, "experiments", "separation.py")
-    spec = importlib.util.spec_from_file_location("separation_experiment", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The study's module, imported as the script imports its sibling modules."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(EXPERIMENTS)
+        yield importlib.import_module("separation")
 
 
 def test_validation_split_is_stratified_and_disjoint(separation):
@@ -34,8 +36,12 @@ def test_validation_split_is_stratified_and_disjoint(separation):
         separation.carve_validation(images, labels, 1.5)
 
 
+def _stamps(folder):
+    return {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
-def test_study_trains_selects_resumes_and_reports(tmp_path, separation):
+def test_study_trains_selects_reuses_and_reports(tmp_path, separation):
     config = digits_canvas.get_config("smoke")
     config.model.widths = (4,)  # one block: 32x32 -> 32x32 (compile time dominates)
     config.data.global_batch_size = 256  # 4 steps per epoch on the 1,077 fit examples
@@ -47,7 +53,8 @@ def test_study_trains_selects_resumes_and_reports(tmp_path, separation):
         num_seeds=2,
         output_dir=tmp_path / "report",
     )
-    out = separation.run_study(tmp_path / "runs", config, **kwargs)
+    runs = tmp_path / "runs"
+    out = separation.run_study(runs, config, **kwargs)
     nets = out["networks"]
     assert sorted(nets) == [("rho_psi", "cst"), ("rho_psi", "mod")]
     for (bt, rho), net in nets.items():
@@ -59,11 +66,15 @@ def test_study_trains_selects_resumes_and_reports(tmp_path, separation):
             assert len(r["curve"]) == 2 and r["steps"] == 8
             assert 0 <= r["test_top1"] <= 1 and math.isfinite(r["curve"][-1]["train_loss"])
         other = [lr for lr in grid if lr != net["lr"]][0]
-        assert not (tmp_path / "runs" / bt / rho / f"lr{other:g}" / "seed1").exists()
+        assert not (runs / bt / rho / f"lr{other:g}" / "seed1").exists()
         layers = out["layers"][(bt, rho)]
         assert list(layers[0]) == ["input", "block0", "head/bn"]
         assert {"train/nc1", "train/nc4", "eval/ncm_accuracy"} <= set(layers[0]["block0"])
         assert "train/nc3" in layers[0]["head/bn"]
+    # Each run is a trainer workdir: its config and the Orbax checkpoint of the last step.
+    run = runs / "rho_psi" / "mod" / f"lr{nets[('rho_psi', 'mod')]['lr']:g}" / "seed1"
+    assert (run / "config.json").exists() and (run / "checkpoints" / "8").is_dir()
+    assert not list(runs.rglob("*.msgpack"))
     # Seeds differ; the input layer's measures do not depend on the network.
     mod = out["layers"][("rho_psi", "mod")]
     assert mod[0]["block0"]["train/nc1"] != mod[1]["block0"]["train/nc1"]
@@ -71,16 +82,23 @@ def test_study_trains_selects_resumes_and_reports(tmp_path, separation):
         mod[0]["input"]["train/nc1"] == out["layers"][("rho_psi", "cst")][1]["input"]["train/nc1"]
     )
 
-    # Resume: nothing is retrained or re-measured, the report is the same.
-    stamp = {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")}
-    again = separation.run_study(tmp_path / "runs", config, train_missing=False, **kwargs)
-    assert {p: p.stat().st_mtime for p in (tmp_path / "runs").rglob("*.json")} == stamp
-    assert again["layers"] == out["layers"]
+    # A rerun reuses every finished run: nothing in the runs' workdirs is written again.
+    stamp = _stamps(runs)
+    again = separation.run_study(runs, config, **kwargs)
+    assert _stamps(runs) == stamp and again["layers"] == out["layers"]
+    # A run without its result resumes from its checkpoint: no step is trained again.
+    before = {k: v for k, v in again["networks"][("rho_psi", "mod")]["seeds"][1].items()}
+    (run / "result.json").unlink()
+    resumed = separation.run_study(runs, config, train_missing=True, analyse=False, **kwargs)
+    after = resumed["networks"][("rho_psi", "mod")]["seeds"][1]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["8"]
+    for key in ("steps", "curve", "fit_top1", "val_top1", "test_top1"):
+        assert after[key] == before[key], key
 
     report = tmp_path / "report"
     with open(report / "runs.csv") as f:
-        runs = list(csv.DictReader(f))
-    assert len(runs) == 6 and sum(r["chosen_lr"] == "True" for r in runs) == 4
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and sum(r["chosen_lr"] == "True" for r in rows) == 4
     text = (report / "results.md").read_text()
     assert "| rho_psi | cst |" in text and "7.7 %" in text and "22.5 %" in text
     assert "NC1" in text and "NC3" in text and "Not finished (left out above): none." in text

@@ -33,8 +33,10 @@ Conventions used throughout:
 
 Streaming: `SeparationStats` holds per-class sums, so a dataset is reduced batch by batch without
 holding its features (`update_stats`, jit-able, with a mask for padded evaluation batches).
-The package works on any Linen network it is given and imports nothing else from pcjax (in
-particular neither the trainer nor the data pipeline).
+The package works on any Linen network it is given. Import direction: analysis may use
+`pcjax.nn`, and reads a trained run only through `pcjax.training.checkpoint.restore_variables`
+(`checkpoints`); it never imports the trainer's loop or the data pipeline, and nothing in
+`pcjax.nn`, `pcjax.training` or `pcjax.data` imports analysis.
 
 Modules, by concern:
 
@@ -42,7 +44,8 @@ Modules, by concern:
 * `separation_stats`: streaming class sums, covariance traces, nearest class mean.
 * `neural_collapse`: NC1-NC4 from the class means and a second pass.
 * `probes`: linear probes on (sketched) features.
-* `layerwise`: `layerwise_separation`, all of the above at every layer over a dataset.
+* `layerwise`: `layerwise_separation` (settings in `LayerwiseOptions`), all of the above at
+  every layer over a dataset.
 * `grad_probes`: gradients of a layer's separation with respect to images and parameters.
 * `checkpoints`: trained variables of a workdir.
 """
@@ -60,7 +63,7 @@ from pcjax.analysis.grad_probes import (
     separation_gradients,
     separation_objective,
 )
-from pcjax.analysis.layerwise import layerwise_separation
+from pcjax.analysis.layerwise import LayerwiseOptions, layerwise_separation
 from pcjax.analysis.neural_collapse import (
     CLASSIFIER_LAYER,
     CollapseStats,
@@ -92,6 +95,7 @@ __all__ = [
     "CLASSIFIER_LAYER",
     "INPUT",
     "CollapseStats",
+    "LayerwiseOptions",
     "NCMStats",
     "SeparationStats",
     "batch_separation",

@@ -23,7 +23,7 @@ def load_variables_from_workdir(
     Reads the checkpoint the trainer writes in `workdir` (a folder or a URL) through
     `pcjax.training.checkpoint.restore_variables` (nested dicts, no target), and checks that the
     parameter and statistics trees match `model.init` on an input of shape [1, *image_shape]
-    (names, shapes; dtypes are cast).
+    (names, shapes; dtypes are cast). The arrays are uncommitted (no fixed device).
 
     Args:
         workdir: the training run's directory.
@@ -70,5 +70,7 @@ def load_variables_from_workdir(
                     f"Checkpoint {collection}{key} has shape {np.shape(leaf)}, the model "
                     f"expects {want_paths[key].shape}."
                 )
-        out[collection] = jax.tree.map(lambda a, w: jnp.asarray(a, w.dtype), got, want)
+        # Through the host: uncommitted arrays, placed by each jitted call like fresh ones
+        # (committed ones beside uncommitted means would compile the analysis step twice).
+        out[collection] = jax.tree.map(lambda a, w: jnp.asarray(np.asarray(a), w.dtype), got, want)
     return out

@@ -8,6 +8,7 @@ and cached: repeated calls on the same network and batch shape reuse the compile
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,11 +33,53 @@ from pcjax.analysis.separation_stats import (
 
 Batch = Mapping[str, Any] | Sequence[Any]
 BatchSource = Iterable[Batch] | Callable[[], Iterable[Batch]]
+Means = dict[str, tuple[jax.Array, jax.Array]]  # layer -> (class means, class present)
 
 TRACES: collections.Counter = collections.Counter()
 """Number of times each cached step was traced (compiled), by name; for tests."""
 
 _SCALARS = ("trace_within", "trace_between", "trace_total", "fisher_ratio", "between_within_ratio")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerwiseOptions:
+    """What `layerwise_separation` measures and how (every field has the usual default).
+
+    Attributes:
+        layers: as in `capture_block_outputs` (None: input and every block, plus the
+            classifier's layer if a classifier is given).
+        pooling: None (flatten [h, w, c]) or "mean" (spatial mean, then [c]).
+        train: capture in training mode (batch statistics) instead of evaluation mode.
+        train_ncm, neural_collapse: make the second pass over the training batches and report
+            these measures.
+        linear_probe: fit `linear_probe_accuracy` per layer (needs evaluation batches).
+        probe_max_dim, probe_max_examples, probe_steps, probe_l2, seed: probe settings (sketch
+            width, training examples kept, L-BFGS steps, L2 penalty, sketch seed).
+    """
+
+    layers: Sequence[str] | None = None
+    pooling: str | None = None
+    train: bool = False
+    train_ncm: bool = True
+    neural_collapse: bool = True
+    linear_probe: bool = False
+    probe_max_dim: int | None = 2048
+    probe_max_examples: int | None = 50_000
+    probe_steps: int = 200
+    probe_l2: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.layers is not None:  # a tuple, so that the options key the step cache
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    @property
+    def second_pass(self) -> bool:
+        return self.train_ncm or self.neural_collapse
+
+    @property
+    def sketch(self) -> tuple[int | None, int] | None:
+        return (self.probe_max_dim, self.seed) if self.linear_probe else None
 
 
 def _unpack_batch(batch: Batch) -> tuple[Any, Any, Any]:
@@ -104,6 +147,182 @@ def _pass_functions(
     return features_of, step, order
 
 
+class _ProbeSample:
+    """The sketched features and labels of the first `limit` real examples of a pass."""
+
+    def __init__(self, layers: Iterable[str], limit: int | None):
+        self.limit, self.count = limit, 0
+        self.features: dict[str, list[np.ndarray]] = {k: [] for k in layers}
+        self.labels: list[np.ndarray] = []
+
+    def add(self, sketched: Mapping[str, jax.Array], labels: jax.Array, mask: jax.Array) -> None:
+        if self.limit is not None and self.count >= self.limit:
+            return
+        room = None if self.limit is None else self.limit - self.count
+        idx = np.flatnonzero(np.asarray(mask) > 0)[:room]
+        for k, kept in self.features.items():
+            kept.append(np.asarray(sketched[k])[idx])
+        self.labels.append(np.asarray(labels)[idx])
+        self.count += idx.size
+
+    def arrays(self) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        return {k: np.concatenate(v) for k, v in self.features.items()}, np.concatenate(self.labels)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Passes:
+    """One configuration's compiled step, applied to whole datasets."""
+
+    step: Callable
+    variables: dict[str, Any]
+    shapes: dict[str, jax.ShapeDtypeStruct]  # layer -> flattened features [batch, dim]
+    num_classes: int
+    probe_max_examples: int | None
+
+    def fresh(self) -> tuple[dict, dict, dict]:
+        """Empty (separation, NCM, collapse) sums of every layer."""
+        stats = {
+            k: init_stats(
+                self.num_classes,
+                s.shape[1],
+                jnp.complex64 if jnp.issubdtype(s.dtype, jnp.complexfloating) else jnp.float32,
+            )
+            for k, s in self.shapes.items()
+        }
+        ncm = {k: init_ncm_stats() for k in self.shapes}
+        collapse = {k: nc.init_collapse_stats(self.num_classes) for k in self.shapes}
+        return stats, ncm, collapse
+
+    def run(self, batches: Iterable[Batch], means: Means | None, collect: bool):
+        """(sums, probe sample or None) of one pass; `means` None: the first pass (dummy means
+        of the right shapes, NCM and collapse sums ignored)."""
+        carry = self.fresh()
+        if means is None:
+            means = {
+                k: (jnp.zeros_like(s.sums), jnp.zeros((self.num_classes,), bool))
+                for k, s in carry[0].items()
+            }
+        sample = _ProbeSample(self.shapes, self.probe_max_examples) if collect else None
+        for batch in batches:
+            images, labels, mask = _unpack_batch(batch)
+            labels = jnp.asarray(labels, jnp.int32)
+            mask = jnp.asarray(mask, jnp.float32)
+            carry, sketched = self.step(
+                carry, means, self.variables, jnp.asarray(images), labels, mask
+            )
+            if sample is not None:
+                sample.add(sketched, labels, mask)
+        return carry, None if sample is None else sample.arrays()
+
+
+def _check_sources(
+    train_batches: BatchSource, eval_batches: BatchSource | None, options: LayerwiseOptions
+) -> None:
+    if options.linear_probe and eval_batches is None:
+        raise ValueError("linear_probe=True needs eval_batches (the probe's test set).")
+    if options.second_pass and not callable(train_batches) and iter(train_batches) is train_batches:
+        raise ValueError(
+            "train_batches is a one-shot iterator but two passes are needed: pass a callable "
+            "returning a fresh iterable (or a list), or set the options' train_ncm and "
+            "neural_collapse to False."
+        )
+
+
+def _layers(
+    model: nn.Module,
+    variables: dict[str, Any],
+    images: jax.Array,
+    classifier: tuple[str, Any] | None,
+    options: LayerwiseOptions,
+) -> tuple[str, ...] | None:
+    """The layers to capture: the options', else the default ones and the classifier's."""
+    if classifier is None or options.layers is not None:
+        return options.layers
+    default, _, order = _pass_functions(model, None, options.pooling, options.train, None)
+    jax.eval_shape(default, variables, images)
+    return (*order, classifier[0])
+
+
+def _fit_measures(stats: Mapping[str, Any], prefix: str) -> tuple[dict[str, dict], Means]:
+    """({layer: traces and ratios under `prefix`}, class means) from the separation sums."""
+    results, means = {}, {}
+    for k, s in stats.items():
+        fin = finalize(s)
+        results[k] = {f"{prefix}/{m}": float(fin[m]) for m in _SCALARS}
+        means[k] = (fin["class_means"], fin["class_present"])
+    return results, means
+
+
+def _probe_measures(
+    train: tuple[dict, np.ndarray],
+    test: tuple[dict, np.ndarray],
+    num_classes: int,
+    options: LayerwiseOptions,
+) -> dict[str, dict[str, float]]:
+    """{layer: train and eval accuracy of a linear probe on the sketched features}."""
+    (train_x, train_y), (eval_x, eval_y) = train, test
+    # Zero-pad every layer to one width so the L-BFGS fit compiles once: a zero column has zero
+    # gradient, so its weights stay exactly 0 and the fit is unchanged.
+    width = max(x.shape[1] for x in train_x.values())
+    pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
+    out = {}
+    for k in train_x:
+        acc = linear_probe_accuracy(
+            pad(train_x[k]),
+            train_y,
+            pad(eval_x[k]),
+            eval_y,
+            num_classes,
+            steps=options.probe_steps,
+            l2=options.probe_l2,
+            max_dim=None,
+        )
+        out[k] = {
+            "train/probe_accuracy": acc["train_accuracy"],
+            "eval/probe_accuracy": acc["test_accuracy"],
+        }
+    return out
+
+
+def _train_collapse(
+    passes: _Passes,
+    train_batches: BatchSource,
+    means: Means,
+    classifier: tuple[str, Any] | None,
+    options: LayerwiseOptions,
+) -> dict[str, dict[str, float]]:
+    """Pass 2: NCM accuracy and neural collapse of the train means on the train set."""
+    (_, ncm, collapse), _ = passes.run(_open(train_batches), means, False)
+    out: dict[str, dict[str, float]] = {k: {} for k in means}
+    for k in means:
+        if options.train_ncm:
+            out[k]["train/ncm_accuracy"] = float(ncm_accuracy(ncm[k]))
+        if options.neural_collapse:
+            weights = classifier[1] if classifier and classifier[0] == k else None
+            measures = nc.finalize_neural_collapse(*means[k], collapse[k], weights)
+            out[k].update({f"train/{m}": v for m, v in measures.items()})
+    return out
+
+
+def _eval_measures(
+    passes: _Passes, eval_batches: BatchSource, means: Means, options: LayerwiseOptions
+) -> tuple[dict[str, dict[str, float]], tuple | None]:
+    """Pass 3: the eval set's traces, NCM accuracy and NC4 against the train means."""
+    (stats, ncm, collapse), probe = passes.run(_open(eval_batches), means, options.linear_probe)
+    out, _ = _fit_measures(stats, "eval")
+    for k in out:
+        out[k]["eval/ncm_accuracy"] = float(ncm_accuracy(ncm[k]))
+        if options.neural_collapse:
+            c = collapse[k]
+            out[k]["eval/nc4"] = float(c.agree) / float(c.count)
+    return out, probe
+
+
+def _merge(results: dict[str, dict], more: Mapping[str, Mapping]) -> None:
+    for k, measures in more.items():
+        results[k].update(measures)
+
+
 def layerwise_separation(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -111,26 +330,16 @@ def layerwise_separation(
     num_classes: int,
     *,
     eval_batches: BatchSource | None = None,
-    layers: Sequence[str] | None = None,
-    pooling: str | None = None,
-    train: bool = False,
-    train_ncm: bool = True,
-    neural_collapse: bool = True,
     classifier: tuple[str, Any] | None = None,
-    linear_probe: bool = False,
-    probe_max_dim: int | None = 2048,
-    probe_max_examples: int | None = 50_000,
-    probe_steps: int = 200,
-    probe_l2: float = 1e-4,
-    seed: int = 0,
+    options: LayerwiseOptions | None = None,
 ) -> dict[str, dict[str, float]]:
     """Class-separation and neural-collapse measures at every layer, streaming over a dataset.
 
     Passes (each one cached jitted step per batch computing all layers at once):
 
     1. over `train_batches`: `SeparationStats` of every layer -> class means, traces, Fisher
-       ratio ("train/..."); with `linear_probe`, also keeps the first `probe_max_examples`
-       sketched train features.
+       ratio ("train/..."); with `options.linear_probe`, also keeps the first
+       `probe_max_examples` sketched train features.
     2. over `train_batches` again (if `train_ncm` or `neural_collapse`): NCM accuracy of the
        train means on the train set ("train/ncm_accuracy") and the neural-collapse measures
        "train/nc1", "train/nc2_*", "train/nc3" (layer of `classifier` only), "train/nc4".
@@ -147,27 +356,16 @@ def layerwise_separation(
             two passes are made), or a re-iterable such as a list.
         num_classes: K.
         eval_batches: optional callable or iterable of evaluation batches (one pass).
-        layers: as in `capture_block_outputs` (default: input and every block, plus the
-            classifier's layer if `classifier` is given).
-        pooling: None (flatten [h, w, c]) or "mean" (spatial mean, then [c]).
-        train: capture in training mode (batch statistics) instead of evaluation mode.
-        train_ncm, neural_collapse: make pass 2 and report these measures.
         classifier: optional (layer, W [K, d]) of the linear classifier reading that layer's
             flattened features, for NC3 (`neural_collapse.phase_collapse_classifier`).
-        linear_probe: fit `linear_probe_accuracy` per layer (needs `eval_batches`).
-        probe_max_dim, probe_max_examples, probe_steps, probe_l2, seed: probe settings.
+        options: layers, pooling, mode, which passes and the probe (`LayerwiseOptions`;
+            None: its defaults).
 
     Returns:
         {layer: {measure: float}}, "dim" included.
     """
-    if linear_probe and eval_batches is None:
-        raise ValueError("linear_probe=True needs eval_batches (the probe's test set).")
-    second_pass = train_ncm or neural_collapse
-    if second_pass and not callable(train_batches) and iter(train_batches) is train_batches:
-        raise ValueError(
-            "train_batches is a one-shot iterator but two passes are needed: pass a callable "
-            "returning a fresh iterable (or a list), or set train_ncm=neural_collapse=False."
-        )
+    options = LayerwiseOptions() if options is None else options
+    _check_sources(train_batches, eval_batches, options)
     variables = dict(variables)
     iterator = iter(_open(train_batches))
     try:
@@ -175,108 +373,25 @@ def layerwise_separation(
     except StopIteration:
         raise ValueError("train_batches yielded no batch.") from None
     first_images = jnp.asarray(_unpack_batch(first)[0])
-    if classifier is not None and layers is None:
-        default, _, order = _pass_functions(model, None, pooling, train, None)
-        jax.eval_shape(default, variables, first_images)
-        layers = [*order, classifier[0]]
-    layers = None if layers is None else tuple(layers)
-    sketch = (probe_max_dim, seed) if linear_probe else None
-    features_of, step, order = _pass_functions(model, layers, pooling, train, sketch)
-    shapes = jax.eval_shape(features_of, variables, first_images)[0]
-    dims = {k: shapes[k].shape[1] for k in order}
-
-    def fresh() -> tuple[dict, dict, dict]:
-        stats = {
-            k: init_stats(
-                num_classes,
-                s.shape[1],
-                jnp.complex64 if jnp.issubdtype(s.dtype, jnp.complexfloating) else jnp.float32,
-            )
-            for k, s in shapes.items()
-        }
-        ncm = {k: init_ncm_stats() for k in shapes}
-        collapse = {k: nc.init_collapse_stats(num_classes) for k in shapes}
-        return stats, ncm, collapse
-
-    def run_pass(batches: Iterable[Batch], means, collect: bool):
-        carry = fresh()
-        if means is None:  # first pass: dummy means of the right shapes, results ignored
-            means = {
-                k: (jnp.zeros_like(s.sums), jnp.zeros((num_classes,), bool))
-                for k, s in carry[0].items()
-            }
-        kept: dict[str, list[np.ndarray]] = {k: [] for k in shapes}
-        kept_labels: list[np.ndarray] = []
-        num_kept = 0
-        for batch in batches:
-            images, labels, mask = _unpack_batch(batch)
-            labels = jnp.asarray(labels, jnp.int32)
-            mask = jnp.asarray(mask, jnp.float32)
-            carry, sketched = step(carry, means, variables, jnp.asarray(images), labels, mask)
-            if collect and (probe_max_examples is None or num_kept < probe_max_examples):
-                room = None if probe_max_examples is None else probe_max_examples - num_kept
-                idx = np.flatnonzero(np.asarray(mask) > 0)[:room]
-                for k in kept:
-                    kept[k].append(np.asarray(sketched[k])[idx])
-                kept_labels.append(np.asarray(labels)[idx])
-                num_kept += idx.size
-        probe = None
-        if collect:
-            probe = ({k: np.concatenate(v) for k, v in kept.items()}, np.concatenate(kept_labels))
-        return carry, probe
-
-    # Pass 1: statistics of the fitting set.
-    (train_stats, _, _), train_probe = run_pass(
-        itertools.chain([first], iterator), None, linear_probe
+    layers = _layers(model, variables, first_images, classifier, options)
+    features_of, step, order = _pass_functions(
+        model, layers, options.pooling, options.train, options.sketch
     )
-    results: dict[str, dict[str, float]] = {k: {"dim": float(d)} for k, d in dims.items()}
-    means: dict[str, tuple[jax.Array, jax.Array]] = {}
-    for k, s in train_stats.items():
-        fin = finalize(s)
-        results[k].update({f"train/{m}": float(fin[m]) for m in _SCALARS})
-        means[k] = (fin["class_means"], fin["class_present"])
-    del train_stats
+    shapes = jax.eval_shape(features_of, variables, first_images)[0]
+    passes = _Passes(step, variables, shapes, num_classes, options.probe_max_examples)
 
-    # Pass 2: NCM accuracy and neural collapse of the train means on the train set.
-    if second_pass:
-        (_, ncm, collapse), _ = run_pass(_open(train_batches), means, False)
-        for k in dims:
-            if train_ncm:
-                results[k]["train/ncm_accuracy"] = float(ncm_accuracy(ncm[k]))
-            if neural_collapse:
-                weights = classifier[1] if classifier and classifier[0] == k else None
-                measures = nc.finalize_neural_collapse(*means[k], collapse[k], weights)
-                results[k].update({f"train/{m}": v for m, v in measures.items()})
-
-    # Pass 3: evaluation set.
+    (stats, _, _), train_probe = passes.run(
+        itertools.chain([first], iterator), None, options.linear_probe
+    )
+    results: dict[str, dict[str, float]] = {k: {"dim": float(shapes[k].shape[1])} for k in order}
+    fit, means = _fit_measures(stats, "train")
+    _merge(results, fit)
+    del stats
+    if options.second_pass:
+        _merge(results, _train_collapse(passes, train_batches, means, classifier, options))
     if eval_batches is not None:
-        (eval_stats, eval_ncm, eval_collapse), eval_probe = run_pass(
-            _open(eval_batches), means, linear_probe
-        )
-        for k, s in eval_stats.items():
-            fin = finalize(s)
-            results[k].update({f"eval/{m}": float(fin[m]) for m in _SCALARS})
-            results[k]["eval/ncm_accuracy"] = float(ncm_accuracy(eval_ncm[k]))
-            if neural_collapse:
-                c = eval_collapse[k]
-                results[k]["eval/nc4"] = float(c.agree) / float(c.count)
-        if linear_probe:
-            (train_x, train_y), (eval_x, eval_y) = train_probe, eval_probe
-            # Zero-pad every layer to one width so the L-BFGS fit compiles once: a zero column
-            # has zero gradient, so its weights stay exactly 0 and the fit is unchanged.
-            width = max(x.shape[1] for x in train_x.values())
-            pad = lambda x: np.pad(x, ((0, 0), (0, width - x.shape[1])))  # noqa: E731
-            for k in dims:
-                acc = linear_probe_accuracy(
-                    pad(train_x[k]),
-                    train_y,
-                    pad(eval_x[k]),
-                    eval_y,
-                    num_classes,
-                    steps=probe_steps,
-                    l2=probe_l2,
-                    max_dim=None,
-                )
-                results[k]["train/probe_accuracy"] = acc["train_accuracy"]
-                results[k]["eval/probe_accuracy"] = acc["test_accuracy"]
+        measures, eval_probe = _eval_measures(passes, eval_batches, means, options)
+        _merge(results, measures)
+        if options.linear_probe:
+            _merge(results, _probe_measures(train_probe, eval_probe, num_classes, options))
     return results
