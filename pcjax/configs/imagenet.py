@@ -30,6 +30,9 @@ import ml_collections
 from pcjax.configs import schema
 from pcjax.nn import layers, models
 
+# The paper's ImageNet network (docs/spec.md 3.7): channels of its 11 blocks.
+WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
+
 PHASE_COLLAPSE_PRESETS = tuple(
     f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in layers.BLOCK_TYPES
 )
@@ -53,13 +56,28 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     cfg = schema.default_config()
     cfg.data.name = "imagenet2012"
     if name in RESNET_PRESETS:
-        schema.set_model_preset(cfg, name)
+        cfg.model.update(
+            name=name,
+            arch="resnet18",
+            widths=models.ResNet18.widths,  # ResNet-18's stage widths (docs/spec.md 3.9)
+            nonlinearity=name.removeprefix("resnet18/"),
+        )
         cfg.data.global_batch_size = 256
         cfg.optim.learning_rate = 0.1
         cfg.optim.num_epochs = 90
         cfg.optim.lr_decay_epochs = 30
     else:
-        schema.set_model_preset(cfg, f"imagenet/{name}")
+        rho, block_type = name.split("/")
+        cfg.model.update(
+            name=f"imagenet/{name}",
+            arch="phase_collapse",
+            widths=WIDTHS,
+            nonlinearity=rho,
+            block_type=block_type,
+            num_angles=8,
+            full_angles=False,
+            num_standard_blocks=1,
+        )
         cfg.data.global_batch_size = 128
         cfg.optim.learning_rate = 0.01
         cfg.optim.num_epochs = 150
