@@ -18,11 +18,11 @@ mean/std. Hardware: meant for a TPU/GPU host or pod (batch split over every devi
 hosts add --distributed).
 
 Expected error (%), `EXPECTED_ERROR` as (top-1, top-5): the paper's Table 1 from the authors'
-ICLR 2022 poster for mod/rho_psi (LScat: 35.9, 15.2) and mod/linear_plus_rho (LScat + skip:
-30.1, 11.0); "unknown" for every other preset (Table 2's ImageNet rows and Table 3 were not
-retrieved). Table 1's ResNet column (30.2, 10.9) equals torchvision's ResNet-18 with biases and
-affine BatchNorm, not the bias-free resnet18/* baselines here, whose numbers are unknown.
-Table 1's Scat column (fixed projections: 73.0, 54.1) has no preset.
+ICLR 2022 poster for mod/rho_psi (LScat) and mod/linear_plus_rho (LScat + skip); "unknown" for
+every other preset (Table 2's ImageNet rows and Table 3 were not retrieved). Table 1's ResNet
+column (30.2, 10.9) equals torchvision's ResNet-18 with biases and affine BatchNorm, not the
+bias-free resnet18/* baselines here, whose numbers are unknown. Table 1's Scat column (fixed
+projections: 73.0, 54.1) has no preset.
 """
 
 import ml_collections
