@@ -11,6 +11,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pcjax import analysis
+from pcjax.configs import digits as digits_config
+from pcjax.configs import schema
 from pcjax.nn import models
 
 NUM_CLASSES = 4
@@ -244,9 +246,16 @@ def test_linear_probe_separable_and_random_labels():
 # --- Networks: capture, whole-dataset analysis, gradients ---------------------------------------
 
 
+def _digits_net(widths):
+    """The quick-start network at `widths`, for NUM_CLASSES classes."""
+    cfg = digits_config.get_config()
+    cfg.model.widths = widths
+    return schema.build_model(cfg).clone(num_classes=NUM_CLASSES)
+
+
 @pytest.fixture(scope="module")
 def tiny_net():
-    model = models.PhaseCollapseNet(widths=(4, 6), num_classes=NUM_CLASSES)
+    model = _digits_net((4, 6))
     variables = jax.jit(lambda key: model.init(key, jnp.zeros((1,) + IMAGE_SHAPE), train=False))(
         jax.random.key(0)
     )
@@ -524,7 +533,7 @@ def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
             assert a.dtype == b.dtype
         jax.eval_shape(lambda v: model.apply(v, jnp.zeros((1,) + IMAGE_SHAPE)), out)  # usable
 
-    other = models.PhaseCollapseNet(widths=(4, 8), num_classes=NUM_CLASSES)
+    other = _digits_net((4, 8))
     with pytest.raises(ValueError, match="shape"):
         analysis.load_variables_from_workdir(tmp_path, other, IMAGE_SHAPE)
     with pytest.raises(FileNotFoundError):

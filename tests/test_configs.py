@@ -2,9 +2,9 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
-import test_models  # tests/ is on sys.path under pytest: the registry's parameter counts
 
 from pcjax.configs import cifar10, digits, digits_canvas, imagenet, schema
 from pcjax.nn import models
@@ -104,23 +104,86 @@ def _param_count(config) -> int:
     return models.count_params(variables["params"])
 
 
+CIFAR10_WIDTHS = (64, 128, 256, 512, 512, 512, 512, 512)  # docs/spec.md 3.7
+IMAGENET_WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
+
+
 @pytest.mark.parametrize(
-    "module,preset,registry",
+    "module,preset,name,fields",
     [
-        (cifar10, "mod/rho_psi", "cifar10/mod/rho_psi"),
-        (cifar10, "cst/linear_plus_rho", "cifar10/cst/linear_plus_rho"),
-        (cifar10, "ms/rho_psi", "cifar10/ms/rho_psi"),
-        (imagenet, "mod/linear_plus_rho", "imagenet/mod/linear_plus_rho"),
-        (imagenet, "resnet18/thresh", "resnet18/thresh"),
+        (cifar10, "mod/rho_psi", "cifar10/mod/rho_psi", (CIFAR10_WIDTHS, 4, 0, "mod", "rho_psi")),
+        (
+            cifar10,
+            "cst/linear_plus_rho",
+            "cifar10/cst/linear_plus_rho",
+            (CIFAR10_WIDTHS, 4, 0, "cst", "linear_plus_rho"),
+        ),
+        (
+            cifar10,
+            "ms/rho_psi/L16_full",
+            "cifar10/ms/rho_psi/L16_full",
+            (CIFAR10_WIDTHS, 16, 0, "ms", "rho_psi"),
+        ),
+        (
+            imagenet,
+            "mod/linear_plus_rho",
+            "imagenet/mod/linear_plus_rho",
+            (IMAGENET_WIDTHS, 8, 1, "mod", "linear_plus_rho"),
+        ),
+        (digits, "default", "digits/mod/rho_psi", ((32, 64, 64), 8, 0, "mod", "rho_psi")),
+        (
+            digits_canvas,
+            "default",
+            "digits_canvas/mod/rho_psi",
+            ((16, 32, 32, 64), 8, 0, "mod", "rho_psi"),
+        ),
     ],
 )
-def test_preset_fields_build_the_registry_network(module, preset, registry):
+def test_preset_fields_are_the_network(module, preset, name, fields):
+    """A preset writes its network into config.model; build_model builds exactly that."""
     cfg = module.get_config(preset)
     schema.validate(cfg)
-    assert cfg.model.name == registry
-    built = schema.build_model(cfg)
-    assert built == models.build_model(registry)  # flax modules compare by their fields
-    assert _param_count(cfg) == test_models.EXPECTED_PARAMS[registry]
+    assert cfg.model.name == name
+    model = schema.build_model(cfg)
+    assert isinstance(model, models.PhaseCollapseNet)
+    got = (model.widths, model.num_angles, model.num_standard_blocks)
+    assert got + (model.nonlinearity, model.block_type) == fields
+    assert model.full_angles == (model.num_angles == 16)
+    assert model.num_classes == (1000 if module is imagenet else 10)
+
+
+def test_resnet_preset_fields_are_the_network():
+    cfg = imagenet.get_config("resnet18/thresh")
+    schema.validate(cfg)
+    assert cfg.model.name == "resnet18/thresh"
+    model = schema.build_model(cfg)
+    assert isinstance(model, models.ResNet18)
+    assert (model.widths, model.nonlinearity, model.num_classes) == (
+        (64, 128, 256, 512),
+        "thresh",
+        1000,
+    )
+
+
+def test_config_is_locked_and_typed():
+    """ml_collections itself refuses an unknown key or a value of another type, naming it;
+    validate refuses what bypasses the lock (a replaced section)."""
+    cfg = cifar10.get_config("mod/rho_psi")
+    with pytest.raises(AttributeError, match=r"lrr.*learning_rate"):
+        cfg.optim.lrr = 0.1
+    with pytest.raises(TypeError, match=r"'learning_rate'.*fast.*float"):
+        cfg.optim.learning_rate = "fast"
+    with pytest.raises(TypeError, match=r"'num_angles'.*float.*int"):
+        cfg.model.num_angles = 8.5
+    with pytest.raises(TypeError, match=r"'image_size'.*str.*int"):
+        cfg.data.image_size = "64"  # a placeholder keeps its declared type
+    cfg.data.image_size = 64
+    cfg.data.image_size = None  # and may be unset again
+    cfg.optim.learning_rate = 1  # an int is a float
+    assert cfg.optim.learning_rate == 1.0 and isinstance(cfg.optim.learning_rate, float)
+    cfg.optim = ml_collections.ConfigDict({**cfg.optim.to_dict(), "lrr": 0.1})
+    with pytest.raises(schema.ConfigError, match=r"lrr.*learning_rate"):
+        schema.validate(cfg)
 
 
 def test_override_num_angles_on_cifar_preset_builds_and_runs():
@@ -132,9 +195,9 @@ def test_override_num_angles_on_cifar_preset_builds_and_runs():
     # Each projection maps (L + 1) C_in channels to C_out complex ones (2 reals per weight), so
     # L = 8 instead of 4 adds 2 * 4 * C_in * C_out real parameters per block.
     c_in = (3, 64, 128, 256, 512, 512, 512, 512)
-    c_out = models.CIFAR10_WIDTHS
+    c_out = CIFAR10_WIDTHS
     extra = sum(2 * 4 * i * o for i, o in zip(c_in, c_out, strict=True))
-    assert _param_count(cfg) - test_models.EXPECTED_PARAMS["cifar10/mod/rho_psi"] == extra
+    assert _param_count(cfg) - _param_count(cifar10.get_config("mod/rho_psi")) == extra
     cfg.model.widths = (4, 4)  # forward on real data at a width the test can afford
     model = schema.build_model(cfg)
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))

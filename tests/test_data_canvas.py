@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pcjax import analysis
+from pcjax.configs import digits_canvas as digits_canvas_config
 from pcjax.configs import schema
 from pcjax.data import datasets, digits, input_pipeline
 from pcjax.nn import models
@@ -114,20 +115,19 @@ def test_pipelines_yield_the_arrays_unaugmented(canvas):
     assert np.all(dist.min(axis=1) == 0)
 
 
-def test_registered_models_and_geometry():
-    names = [n for n in models.MODEL_NAMES if n.startswith("digits_canvas/")]
-    assert len(names) == 10
-    cfg = schema.default_config()
-    cfg.data.name = "digits_canvas"
-    schema.set_model_preset(cfg, "digits_canvas/tanh/linear_plus_rho")
-    schema.validate(cfg)
-    spec = models.get_model_spec("digits_canvas/mod/rho_psi")
-    assert spec.image_shape == (SIZE, SIZE, 1)
-    model = spec.build()
+def test_preset_networks_and_geometry():
+    for rho in models.TABLE2_NONLINEARITIES:  # every network of the separation experiment
+        for block_type in ("rho_psi", "linear_plus_rho"):
+            cfg = digits_canvas_config.get_config()
+            cfg.model.update(nonlinearity=rho, block_type=block_type)
+            schema.validate(cfg)
+    cfg = digits_canvas_config.get_config()
+    assert datasets.image_shape(cfg.data.name, cfg.data.image_size) == (SIZE, SIZE, 1)
+    model = schema.build_model(cfg)
     x = jnp.zeros((1, SIZE, SIZE, 1))
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     shapes = jax.eval_shape(lambda v: analysis.capture_block_outputs(model, v, x), variables)
     layers = ["input", "block0", "block1", "block2", "block3"]
     assert sorted(shapes) == sorted(layers)
     assert [shapes[k].shape[1] for k in layers] == [32, 32, 16, 16, 8]
-    assert [shapes[k].shape[-1] for k in layers[1:]] == list(models.DIGITS_CANVAS_WIDTHS)
+    assert [shapes[k].shape[-1] for k in layers[1:]] == list(digits_canvas_config.WIDTHS)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from support import float64_oracle as oracle
 
-from pcjax.nn import complex_ops, layers, models, nonlinear, wavelets
+from pcjax.configs import cifar10, schema
+from pcjax.nn import complex_ops, layers, nonlinear, wavelets
 
 
 def _rand(rng, shape, complex_=True):
@@ -263,7 +264,7 @@ def test_cifar_variant_b_float32_error_chained_through_every_block(monkeypatch):
     the projection GEMM correctly rounded, everything else being pcjax's own float32 arithmetic
     (wavelets, modulus, statistics, centring, N), block 7 stays under the reference's 3.1e-6.
     """
-    model = models.build_model("cifar10/mod/linear_plus_rho", precision="highest")
+    model = schema.build_model(cifar10.get_config("mod/linear_plus_rho"))  # precision "highest"
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((4, 32, 32, 3)) * 1.2 + 0.3).astype(np.float32)
     variables = model.init(jax.random.key(0), jnp.asarray(x))

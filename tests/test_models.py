@@ -1,4 +1,4 @@
-"""Every registered network: parameter counts and per-block shapes of docs/spec.md 3.7, and
+"""The presets' networks: parameter counts and per-block shapes of docs/spec.md 3.7, and
 finite gradients (zero inputs included)."""
 
 import jax
@@ -6,23 +6,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pcjax.configs import cifar10, digits, digits_canvas, imagenet, schema
+from pcjax.data import datasets
 from pcjax.nn import models
 
-# docs/spec.md 3.7 / 3.9: total real parameters (complex weights count twice).
+CONFIGS = {
+    "cifar10": cifar10,
+    "imagenet": imagenet,
+    "digits": digits,
+    "digits_canvas": digits_canvas,
+}
+
+# docs/spec.md 3.7 / 3.9: total real parameters (complex weights count twice) of the network of
+# each "<config module>:<preset>".
 EXPECTED_PARAMS = {
-    "cifar10/mod/rho_psi": 12_251_018,
-    "cifar10/mod/linear_plus_rho": 24_459_018,
-    "cifar10/mc/rho_psi": 12_251_018,
-    "cifar10/mc/linear_plus_rho": 24_459_018,
-    "cifar10/tanh/rho_psi": 12_251_018,
-    "cifar10/tanh/linear_plus_rho": 24_459_018,
-    "cifar10/cst/rho_psi": 12_261_014,
-    "cifar10/cst/linear_plus_rho": 24_471_513,
-    "cifar10/ms/rho_psi": 12_271_010,
-    "cifar10/ms/linear_plus_rho": 24_484_008,
-    "imagenet/mod/rho_psi": 29_052_584,
-    "imagenet/mod/linear_plus_rho": 53_495_144,
-    **{f"resnet18/{r}": 11_679_912 for r in models.RESNET_NONLINEARITIES},
+    "cifar10:mod/rho_psi": 12_251_018,
+    "cifar10:mod/linear_plus_rho": 24_459_018,
+    "cifar10:mc/rho_psi": 12_251_018,
+    "cifar10:mc/linear_plus_rho": 24_459_018,
+    "cifar10:tanh/rho_psi": 12_251_018,
+    "cifar10:tanh/linear_plus_rho": 24_459_018,
+    "cifar10:cst/rho_psi": 12_261_014,
+    "cifar10:cst/linear_plus_rho": 24_471_513,
+    "cifar10:ms/rho_psi": 12_271_010,
+    "cifar10:ms/linear_plus_rho": 24_484_008,
+    "imagenet:mod/rho_psi": 29_052_584,
+    "imagenet:mod/linear_plus_rho": 53_495_144,
+    **{f"imagenet:resnet18/{r}": 11_679_912 for r in models.RESNET_NONLINEARITIES},
 }
 
 # block: (spatial out, Std width A, Std width B, Pc out)
@@ -51,10 +61,19 @@ CIFAR_BLOCKS = [
 ]
 
 
+def _build(name, **fields):
+    """The network of preset "<config module>:<preset>", with `config.model` fields changed."""
+    module, preset = name.split(":")
+    cfg = CONFIGS[module].get_config(preset)
+    cfg.model.update(fields)
+    schema.validate(cfg)
+    return schema.build_model(cfg), cfg
+
+
 def _abstract(name, batch=2):
-    spec = models.get_model_spec(name)
-    model = spec.build()
-    x = jax.ShapeDtypeStruct((batch,) + spec.image_shape, jnp.float32)
+    model, cfg = _build(name)
+    shape = datasets.image_shape(cfg.data.name, cfg.data.image_size)
+    x = jax.ShapeDtypeStruct((batch, *shape), jnp.float32)
     variables = jax.eval_shape(
         lambda k: model.init(k, jnp.zeros(x.shape), train=False), jax.random.key(0)
     )
@@ -67,19 +86,19 @@ def test_parameter_counts(name):
     assert models.count_params(variables["params"]) == EXPECTED_PARAMS[name]
 
 
-def test_every_registered_name_builds():
-    for name in models.MODEL_NAMES:
-        spec = models.get_model_spec(name)
-        assert spec.build() is not None
-    assert len([n for n in models.MODEL_NAMES if n.startswith("cifar10/")]) == 10
+def test_every_preset_builds():
+    for module_name, module in CONFIGS.items():
+        for preset in module.PRESETS:
+            assert _build(f"{module_name}:{preset}")[0] is not None
+    assert len(cifar10.NETWORKS) == 10
     with pytest.raises(ValueError, match="valid choices"):
-        models.get_model_spec("cifar10/relu/rho_psi")
+        cifar10.get_config("relu/rho_psi")
 
 
 @pytest.mark.parametrize("family,table", [("imagenet", IMAGENET_BLOCKS), ("cifar10", CIFAR_BLOCKS)])
 @pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
 def test_per_block_shapes(family, table, block_type):
-    model, x, variables = _abstract(f"{family}/mod/{block_type}")
+    model, x, variables = _abstract(f"{family}:mod/{block_type}")
 
     def run(v, x):
         return model.apply(v, x, train=False, capture_intermediates=True, mutable=["intermediates"])
@@ -98,14 +117,14 @@ def test_per_block_shapes(family, table, block_type):
     assert logits.shape == (2, 1000 if family == "imagenet" else 10)
 
 
-NARROW = dict(widths=(4, 6, 6, 8))
+NARROW = (4, 6, 6, 8)  # widths
 
 
 @pytest.mark.parametrize("rho", models.TABLE2_NONLINEARITIES)
 @pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
 def test_gradients_finite_including_zero_images(rho, block_type):
     """Same architecture as the paper's CIFAR nets, narrowed so a real backward pass is cheap."""
-    model = models.build_model(f"cifar10/{rho}/{block_type}", **NARROW)
+    model, _ = _build(f"cifar10:{rho}/{block_type}", widths=NARROW)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
     x[1] = 0  # an all-zero image: zero wavelet coefficients enter every modulus
@@ -130,7 +149,8 @@ def test_gradients_finite_including_zero_images(rho, block_type):
 
 @pytest.mark.parametrize("rho", models.RESNET_NONLINEARITIES)
 def test_resnet_gradients_finite(rho):
-    model = models.build_model(f"resnet18/{rho}", widths=(4, 8, 8, 8), num_classes=5)
+    model, _ = _build(f"imagenet:resnet18/{rho}", widths=(4, 8, 8, 8))
+    model = model.clone(num_classes=5)
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
     variables = model.init(jax.random.key(0), x, train=True)
     assert set(variables["params"]) == {"conv1", "fc"} | {
@@ -150,8 +170,8 @@ def test_resnet_gradients_finite(rho):
 @pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
 def test_remat_changes_neither_values_nor_gradients_nor_names(block_type):
     """`remat=True` recomputes blocks in the backward pass; the maths and the tree stay put."""
-    plain = models.build_model(f"cifar10/cst/{block_type}", **NARROW)
-    remat = models.build_model(f"cifar10/cst/{block_type}", remat=True, **NARROW)
+    plain, _ = _build(f"cifar10:cst/{block_type}", widths=NARROW)
+    remat, _ = _build(f"cifar10:cst/{block_type}", widths=NARROW, remat=True)
     x = np.random.default_rng(1).standard_normal((4, 16, 16, 3)).astype(np.float32)
     variables = plain.init(jax.random.key(0), x, train=True)
     assert jax.tree.structure(remat.init(jax.random.key(0), x, train=True)) == jax.tree.structure(

@@ -142,9 +142,11 @@ def test_update_is_compiled_once_per_shape():
 
 def test_phase_collapse_classifier_matches_the_head():
     """W @ flatten(head/bn output) + b reproduces the network's logits."""
-    from pcjax.nn import models
+    from pcjax.configs import digits, schema
 
-    model = models.PhaseCollapseNet(widths=(4, 6), num_classes=5)
+    cfg = digits.get_config()
+    cfg.model.widths = (4, 6)
+    model = schema.build_model(cfg).clone(num_classes=5)
     x = jax.random.normal(jax.random.key(0), (3, 16, 16, 1))
     variables = model.init(jax.random.key(1), x, train=False)
     feats, logits = analysis.capture_with_output(model, variables, x, [nc.CLASSIFIER_LAYER])

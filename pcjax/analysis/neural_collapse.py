@@ -35,9 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.analysis.separation_stats import _weights, ncm_predict
-
-_HIGHEST = jax.lax.Precision.HIGHEST
+from pcjax.analysis.separation_stats import _HIGHEST, _weights, ncm_predict
 
 
 @flax.struct.dataclass

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-_HIGHEST = jax.lax.Precision.HIGHEST
+from pcjax.analysis.separation_stats import _HIGHEST
 
 
 def realify(features: jax.Array) -> jax.Array:

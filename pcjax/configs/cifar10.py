@@ -27,6 +27,8 @@ import ml_collections
 from pcjax.configs import schema
 from pcjax.nn import layers, models
 
+# The paper's CIFAR-10 network (docs/spec.md 3.7): channels of its 8 blocks.
+WIDTHS = (64, 128, 256, 512, 512, 512, 512, 512)
 NETWORKS = tuple(f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in layers.BLOCK_TYPES)
 FULL_ANGLES_SUFFIX = "/L16_full"
 PRESETS = NETWORKS + tuple(n + FULL_ANGLES_SUFFIX for n in NETWORKS)
@@ -47,12 +49,19 @@ EXPECTED_TEST_ERROR: dict[str, tuple[float | None, str]] = {
 def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     """Presets: see `PRESETS`; a ",smoke" suffix shrinks the run to 2 steps."""
     name, smoke = schema.parse_preset(preset, PRESETS)
+    rho, block_type = name.removesuffix(FULL_ANGLES_SUFFIX).split("/")
+    full = name.endswith(FULL_ANGLES_SUFFIX)
     cfg = schema.default_config()
-    schema.set_model_preset(cfg, f"cifar10/{name.removesuffix(FULL_ANGLES_SUFFIX)}")
-    if name.endswith(FULL_ANGLES_SUFFIX):
-        cfg.model.name = f"cifar10/{name}"
-        cfg.model.num_angles = 16
-        cfg.model.full_angles = True
+    cfg.model.update(
+        name=f"cifar10/{name}",
+        arch="phase_collapse",
+        widths=WIDTHS,
+        nonlinearity=rho,
+        block_type=block_type,
+        num_angles=16 if full else 4,
+        full_angles=full,
+        num_standard_blocks=0,
+    )
     cfg.data.name = "cifar10"
     cfg.data.global_batch_size = 128
     cfg.optim.learning_rate = 0.01

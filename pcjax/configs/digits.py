@@ -13,13 +13,24 @@ import ml_collections
 
 from pcjax.configs import schema
 
+# Three factorised blocks on 16x16 digits (16 -> 16 -> 8 -> 8), L = 8.
+WIDTHS = (32, 64, 64)
 PRESETS = ("default",)  # append ",smoke" (or use "smoke") for a few steps on tiny widths
 
 
 def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     """Presets: "default" (the quick start); "default,smoke" or "smoke": a few steps, for tests."""
     cfg = schema.default_config()
-    schema.set_model_preset(cfg, "digits/mod/rho_psi")
+    cfg.model.update(
+        name="digits/mod/rho_psi",
+        arch="phase_collapse",
+        widths=WIDTHS,
+        nonlinearity="mod",
+        block_type="rho_psi",
+        num_angles=8,
+        full_angles=False,
+        num_standard_blocks=0,
+    )
     cfg.data.name = "digits"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128

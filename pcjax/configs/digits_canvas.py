@@ -18,6 +18,9 @@ import ml_collections
 
 from pcjax.configs import schema
 
+# Four factorised blocks on 32x32 canvases (32 -> 32 -> 16 -> 16 -> 8), L = 8; narrow enough
+# for 5 runs on 2 CPU cores.
+WIDTHS = (16, 32, 32, 64)
 PRESETS = ("default",)  # append ",smoke" (or use "smoke") for tiny widths and a few steps
 
 
@@ -28,7 +31,16 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     non-linearity (and block type) before training each network.
     """
     cfg = schema.default_config()
-    schema.set_model_preset(cfg, "digits_canvas/mod/rho_psi")
+    cfg.model.update(
+        name="digits_canvas/mod/rho_psi",
+        arch="phase_collapse",
+        widths=WIDTHS,
+        nonlinearity="mod",
+        block_type="rho_psi",
+        num_angles=8,
+        full_angles=False,
+        num_standard_blocks=0,
+    )
     cfg.data.name = "digits_canvas"
     cfg.data.global_batch_size = 64
     cfg.data.eval_global_batch_size = 128

@@ -18,17 +18,20 @@ mean/std. Hardware: meant for a TPU/GPU host or pod (batch split over every devi
 hosts add --distributed).
 
 Expected error (%), `EXPECTED_ERROR` as (top-1, top-5): the paper's Table 1 from the authors'
-ICLR 2022 poster for mod/rho_psi (LScat: 35.9, 15.2) and mod/linear_plus_rho (LScat + skip:
-30.1, 11.0); "unknown" for every other preset (Table 2's ImageNet rows and Table 3 were not
-retrieved). Table 1's ResNet column (30.2, 10.9) equals torchvision's ResNet-18 with biases and
-affine BatchNorm, not the bias-free resnet18/* baselines here, whose numbers are unknown.
-Table 1's Scat column (fixed projections: 73.0, 54.1) has no preset.
+ICLR 2022 poster for mod/rho_psi (LScat) and mod/linear_plus_rho (LScat + skip); "unknown" for
+every other preset (Table 2's ImageNet rows and Table 3 were not retrieved). Table 1's ResNet
+column (30.2, 10.9) equals torchvision's ResNet-18 with biases and affine BatchNorm, not the
+bias-free resnet18/* baselines here, whose numbers are unknown. Table 1's Scat column (fixed
+projections: 73.0, 54.1) has no preset.
 """
 
 import ml_collections
 
 from pcjax.configs import schema
 from pcjax.nn import layers, models
+
+# The paper's ImageNet network (docs/spec.md 3.7): channels of its 11 blocks.
+WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
 
 PHASE_COLLAPSE_PRESETS = tuple(
     f"{rho}/{bt}" for rho in models.TABLE2_NONLINEARITIES for bt in layers.BLOCK_TYPES
@@ -53,13 +56,28 @@ def get_config(preset: str = "mod/rho_psi") -> ml_collections.ConfigDict:
     cfg = schema.default_config()
     cfg.data.name = "imagenet2012"
     if name in RESNET_PRESETS:
-        schema.set_model_preset(cfg, name)
+        cfg.model.update(
+            name=name,
+            arch="resnet18",
+            widths=models.ResNet18.widths,  # ResNet-18's stage widths (docs/spec.md 3.9)
+            nonlinearity=name.removeprefix("resnet18/"),
+        )
         cfg.data.global_batch_size = 256
         cfg.optim.learning_rate = 0.1
         cfg.optim.num_epochs = 90
         cfg.optim.lr_decay_epochs = 30
     else:
-        schema.set_model_preset(cfg, f"imagenet/{name}")
+        rho, block_type = name.split("/")
+        cfg.model.update(
+            name=f"imagenet/{name}",
+            arch="phase_collapse",
+            widths=WIDTHS,
+            nonlinearity=rho,
+            block_type=block_type,
+            num_angles=8,
+            full_angles=False,
+            num_standard_blocks=1,
+        )
         cfg.data.global_batch_size = 128
         cfg.optim.learning_rate = 0.01
         cfg.optim.num_epochs = 150

@@ -1,9 +1,10 @@
 """Experiment configs: the default schema, validation before anything compiles, derived numbers.
 
-Every experiment config (pcjax/configs/*.py) starts from `default_config()` and changes a
-few fields. `validate(config)` re-checks keys, types, ranges, names and divisibility and raises a
+Every experiment config (pcjax/configs/*.py) starts from `default_config()`, locked and typed (so
+ml_collections refuses a new key or a value of another type), and writes its network and recipe.
+`validate(config)` re-checks keys and types, then ranges, names and divisibility, and raises a
 `ConfigError` that names the bad value and the valid choices, so a typo costs seconds, not a
-compile or a queued pod slot.
+compile or a queued pod slot. `build_model(config)` is the one way to build a network.
 """
 
 from __future__ import annotations
@@ -25,23 +26,25 @@ class ConfigError(ValueError):
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """The full schema with CIFAR-10 phase-collapse defaults (docs/spec.md 4.1)."""
+    """The full schema, locked and typed, with CIFAR-10's optimiser and input defaults.
+
+    Holds no network (`model.widths` is empty) until a preset writes the `model` fields; the
+    recipe defaults are docs/spec.md 4.1's.
+    """
     cfg = ml_collections.ConfigDict()
     cfg.seed = 0
 
-    # The architecture, field by field; `set_model_preset` fills every field from a registry
-    # name of pcjax.nn.models.MODELS, and each can then be overridden on the command line
+    # The architecture, field by field: each preset (pcjax/configs/<dataset>.py) writes the
+    # fields of its network, and each can then be overridden on the command line
     # (--config.model.num_angles=8). The network is built from these fields (`build_model`).
     cfg.model = ml_collections.ConfigDict()
-    cfg.model.name = ""  # label: the registry preset the fields started from (not read back)
-    cfg.model.arch = (
-        "phase_collapse"  # a key of pcjax.nn.models.ARCHS: "phase_collapse" | "resnet18"
-    )
-    cfg.model.widths = (1,)  # channels per block (phase_collapse) or per stage (resnet18, 4)
+    cfg.model.name = ""  # label of the preset that wrote the fields (not read back)
+    cfg.model.arch = "phase_collapse"  # a key of pcjax.nn.models.ARCHS: phase_collapse|resnet18
+    cfg.model.widths = ()  # channels per block (phase_collapse) or per stage (resnet18, 4)
     cfg.model.nonlinearity = "mod"  # phase_collapse: mod|cst|ms|mc|tanh|pow; resnet18: relu|...
     # Fields below apply to phase_collapse only.
     cfg.model.block_type = "rho_psi"  # "rho_psi" | "linear_plus_rho" (docs/spec.md 2.5)
-    cfg.model.num_angles = 8  # L, wavelet orientations per block
+    cfg.model.num_angles = 4  # L, wavelet orientations per block (the reference CIFAR-10 L)
     cfg.model.full_angles = False  # orientations over 2 pi and slant 8/L (docs/spec.md 1.3)
     cfg.model.num_standard_blocks = 0  # blocks with the standard bank before factorised ones
     # Initial values of the non-linearity's parameters (None: the paper's: cst threshold 0.1,
@@ -56,7 +59,6 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model.precision = "highest"
     # Phase-collapse nets: recompute each block in the backward pass (less memory, more FLOPs).
     cfg.model.remat = False
-    set_model_preset(cfg, "cifar10/mod/rho_psi")
 
     cfg.data = ml_collections.ConfigDict()
     cfg.data.name = "cifar10"
@@ -94,33 +96,11 @@ def default_config() -> ml_collections.ConfigDict:
     # the last step's host memory instead of page-faulting fresh memory in (training.host_memory).
     # Nothing is changed on GPU/TPU hosts.
     cfg.train.cpu_reuse_step_memory = False
+    cfg.lock()  # ml_collections refuses a new key; each field keeps its type (or placeholder's)
     return cfg
 
 
 NONLINEARITY_PARAMS = ("threshold", "gain", "bias")  # fields `<param>_init` of config.model
-
-
-def set_model_preset(cfg: ml_collections.ConfigDict, name: str) -> None:
-    """Fills every field of `cfg.model` from the registry network `name` (pcjax.nn.models.MODELS).
-
-    Resets the initial values to the paper's (None) and `learn_nonlinearity` to True; keeps
-    `wavelet_method` and `precision` (how to compute, not what).
-    """
-    spec = models.get_model_spec(name)
-    net = spec.build()  # a dataclass: its fields are the registry's values and the defaults
-    arch = next(a for a, cls in models.ARCHS.items() if cls is spec.module)
-    m = cfg.model
-    m.name, m.arch = name, arch
-    m.widths = tuple(net.widths)
-    m.nonlinearity = net.nonlinearity
-    if arch == "phase_collapse":
-        m.block_type = net.block_type
-        m.num_angles = net.num_angles
-        m.full_angles = net.full_angles
-        m.num_standard_blocks = net.num_standard_blocks
-    for p in NONLINEARITY_PARAMS:
-        m[f"{p}_init"] = None
-    m.learn_nonlinearity = True
 
 
 def parse_preset(preset: str, presets: tuple[str, ...]) -> tuple[str, bool]:
@@ -149,47 +129,18 @@ def set_smoke(cfg: ml_collections.ConfigDict, global_batch_size: int) -> None:
     cfg.train.checkpoint_every_steps = 2
 
 
-def _flatten(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in cfg.items():
-        path = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            out.update(_flatten(value, path + "."))
-        else:
-            out[path] = value
-    return out
+def _check_schema(config: ml_collections.ConfigDict) -> None:
+    """Keys and types of `config` against the locked, typed schema, by ml_collections itself.
 
-
-def _field_type(cfg: ml_collections.ConfigDict, path: str) -> type | None:
-    node = cfg
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node[p]
-    ref = node.get_ref(leaf)
-    return ref.get_type()
-
-
-def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
-    schema = default_config()
-    have, want = _flatten(config), _flatten(schema)
-    unknown = sorted(set(have) - set(want))
-    if unknown:
-        raise ConfigError(f"Unknown config key(s) {unknown}; valid keys: {sorted(want)}.")
-    missing = sorted(set(want) - set(have))
-    if missing:
-        raise ConfigError(f"Missing config key(s) {missing}.")
-    for path, value in have.items():
-        expected = _field_type(schema, path)
-        if value is None or expected is None:
-            continue
-        ok = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            ok = True
-        if not ok:
-            raise ConfigError(
-                f"config.{path}={value!r} has type {type(value).__name__}; "
-                f"expected {expected.__name__}."
-            )
+    Catches what assignment to a locked config cannot: a section replaced or an unlocked config.
+    """
+    try:
+        default_config().update(config.to_dict())
+    except (KeyError, AttributeError, TypeError) as error:
+        message = error.args[0] if error.args else error
+        raise ConfigError(
+            f"config does not fit pcjax.configs.schema.default_config: {message}"
+        ) from None
 
 
 def _require(cond: bool, message: str) -> None:
@@ -211,7 +162,7 @@ def validate(
         device_count: number of devices the batch is split over (all processes).
         process_count: number of processes (hosts) reading input.
     """
-    _check_keys_and_types(config)
+    _check_schema(config)
     m, d, o, t = config.model, config.data, config.optim, config.train
     _require(config.seed >= 0, f"config.seed={config.seed} must be >= 0.")
     _choice("data.name", d.name, DATASET_NAMES)

@@ -1,17 +1,14 @@
 """The paper's networks: phase-collapse nets (both block types, every non-linearity) and the
-bias-free ResNet-18 baselines, each buildable by one registry name.
+bias-free ResNet-18 baselines.
 
-Registry names are "<dataset>/<non-linearity>/<block type>" for phase-collapse nets, e.g.
-"cifar10/mod/rho_psi", "imagenet/mod/linear_plus_rho", "cifar10/cst/linear_plus_rho", and
-"resnet18/<non-linearity>" for the baselines, e.g. "resnet18/thresh". See `MODEL_NAMES`.
-A registry name is a preset: experiment configs copy its constructor fields into `config.model`
-(`pcjax.configs.schema.set_model_preset`), where each can be changed, and build the network from
-those fields (`pcjax.configs.schema.build_model`); `ARCHS` maps `config.model.arch` to the class.
+The networks of the paper are described once, by the experiment presets
+(pcjax/configs/<dataset>.py), which write the constructor fields into `config.model`;
+`pcjax.configs.schema.build_model(config)` builds the network from them, and `ARCHS` maps
+`config.model.arch` to the class.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -165,100 +162,11 @@ class ResNet18(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="fc")(x)
 
 
-# --- Registry -------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """How to build a registered network and what input it expects."""
-
-    name: str
-    module: type[nn.Module]
-    kwargs: Mapping[str, Any]
-    image_shape: tuple[int, int, int]
-
-    def build(self, **overrides: Any) -> nn.Module:
-        return self.module(**{**self.kwargs, **overrides})
-
-
-CIFAR10_WIDTHS = (64, 128, 256, 512, 512, 512, 512, 512)
-IMAGENET_WIDTHS = (32, 64, 64, 128, 256, 512, 512, 512, 512, 512, 256)
-# Quick start: 16x16 digits, three factorised blocks (16 -> 16 -> 8 -> 8), L = 8.
-DIGITS_WIDTHS = (32, 64, 64)
-# Class-separation experiment (experiments/separation.py): digits on 32x32 canvases, four
-# factorised blocks (32 -> 32 -> 16 -> 16 -> 8), L = 8; narrow enough for 5 runs on 2 CPU cores.
-DIGITS_CANVAS_WIDTHS = (16, 32, 32, 64)
+# Non-linearities of the paper's Table 2 (phase-collapse nets) and of the ResNet baselines.
 TABLE2_NONLINEARITIES = ("mod", "cst", "ms", "mc", "tanh")
 RESNET_NONLINEARITIES = ("relu", "abs", "thresh", "tanh", "powfixed")
-
-
-def _phase_collapse_specs() -> dict[str, ModelSpec]:
-    families = {
-        "cifar10": dict(
-            widths=CIFAR10_WIDTHS,
-            num_classes=10,
-            num_angles=4,
-            num_standard_blocks=0,
-            shape=(32, 32, 3),
-        ),
-        "imagenet": dict(
-            widths=IMAGENET_WIDTHS,
-            num_classes=1000,
-            num_angles=8,
-            num_standard_blocks=1,
-            shape=(224, 224, 3),
-        ),
-        "digits": dict(
-            widths=DIGITS_WIDTHS,
-            num_classes=10,
-            num_angles=8,
-            num_standard_blocks=0,
-            shape=(16, 16, 1),
-        ),
-        "digits_canvas": dict(
-            widths=DIGITS_CANVAS_WIDTHS,
-            num_classes=10,
-            num_angles=8,
-            num_standard_blocks=0,
-            shape=(32, 32, 1),
-        ),
-    }
-    specs = {}
-    for family, f in families.items():
-        for rho in TABLE2_NONLINEARITIES:
-            for block_type in layers.BLOCK_TYPES:
-                name = f"{family}/{rho}/{block_type}"
-                kwargs = {k: v for k, v in f.items() if k != "shape"}
-                kwargs.update(block_type=block_type, nonlinearity=rho)
-                specs[name] = ModelSpec(name, PhaseCollapseNet, kwargs, f["shape"])
-    return specs
-
-
-def _resnet_specs() -> dict[str, ModelSpec]:
-    return {
-        f"resnet18/{rho}": ModelSpec(
-            f"resnet18/{rho}", ResNet18, dict(num_classes=1000, nonlinearity=rho), (224, 224, 3)
-        )
-        for rho in RESNET_NONLINEARITIES
-    }
-
-
-MODELS: dict[str, ModelSpec] = {**_phase_collapse_specs(), **_resnet_specs()}
-MODEL_NAMES = tuple(MODELS)
 # `config.model.arch` -> network class.
 ARCHS: dict[str, type[nn.Module]] = {"phase_collapse": PhaseCollapseNet, "resnet18": ResNet18}
-
-
-def get_model_spec(name: str) -> ModelSpec:
-    """The `ModelSpec` registered under `name`; ValueError lists valid names otherwise."""
-    if name not in MODELS:
-        raise ValueError(f"Unknown model {name!r}; valid choices: {', '.join(MODEL_NAMES)}.")
-    return MODELS[name]
-
-
-def build_model(name: str, **overrides: Any) -> nn.Module:
-    """Builds the registered network `name`, with optional constructor overrides."""
-    return get_model_spec(name).build(**overrides)
 
 
 def count_params(params: Any) -> int:
