@@ -452,7 +452,8 @@ def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
         "import sys\n"
         "from pcjax.training import cli\n"
         "assert 'tensorflow' not in sys.modules\n"
-        "cli.hide_accelerators_from_tensorflow()\n"
+        "from pcjax.data import preprocessing\n"
+        "preprocessing.hide_accelerators_from_tf()\n"
         "import tensorflow as tf\n"
         "print(sorted({d.device_type for d in tf.config.get_visible_devices()}))\n"
     )
