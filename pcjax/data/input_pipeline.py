@@ -84,7 +84,7 @@ def _eval_image_fn(dataset: DatasetSpec, image_size: int) -> Callable[[tf.Tensor
         return lambda image: preprocessing.imagenet_eval_preprocess(image, image_size)
     if name == "cifar10":
         return lambda png: preprocessing.cifar_eval_preprocess(_decode_cifar(png))
-    return lambda image: image  # digits: already standardised by `toy_data`
+    return lambda image: image  # digits: already standardised by `digits.load_split`
 
 
 # ------------------------------------------------------------------------------------------------
