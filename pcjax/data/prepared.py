@@ -61,7 +61,7 @@ def missing_folder_error(name: str, data_dir: str | None, folder: str) -> DataNo
     """The error for a dataset whose folder `folder` does not exist, with the prepare command."""
     return DataNotPreparedError(
         f"Dataset {name!r} is not in data_dir={data_dir or DEFAULT_DATA_DIR} (no folder "
-        f"{folder}).\n{prepare_command(name, data_dir)}"
+        f"{folder.rstrip('/')}/).\n{prepare_command(name, data_dir)}"
     )
 
 
