@@ -1,7 +1,7 @@
 """Device prefetch: host batches become global arrays on the mesh a few steps before they are used.
 
 No thread: the iterator keeps `size` device batches in a deque. Each `next` pops the oldest,
-whose copy to the devices started `size` steps earlier and finished while those steps ran, and
+whose copy to the devices started `size` steps earlier and overlapped those steps, and
 starts the copy of the next host batch (`sharding.shard_batch` returns once the copy is
 enqueued). The host pipeline (tf.data) reads ahead on its own threads, so taking one host batch
 per step costs the loop little; and with no thread of ours inside TensorFlow's iterator, ending
