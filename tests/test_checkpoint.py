@@ -87,22 +87,6 @@ def test_no_step_restores_names_the_folder(tmp_path):
             checkpoint.restore_latest(manager, states[2])
 
 
-def test_resumes_from_a_checkpoint_of_the_state_alone(tmp_path):
-    """Workdirs written before the loop item existed hold the state as Orbax's default item."""
-    import orbax.checkpoint as ocp
-
-    rng = np.random.default_rng(5)
-    states = {step: _state(rng) for step in (3, 6)}
-    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
-        for step, state in states.items():
-            manager.save(step, args=ocp.args.StandardSave(state))
-    with checkpoint.create_manager(tmp_path, 1, 5) as manager:
-        state, loop, step = checkpoint.restore_latest(manager, states[3])
-    assert step == 6 and loop == {}
-    np.testing.assert_array_equal(state["w"], states[6]["w"])
-    assert checkpoint.restore_variables(tmp_path)[1] == 6
-
-
 def test_restore_variables_reads_the_state_item(tmp_path):
     states = _save_steps(tmp_path, [4, 7], seed=3)
     for step in (None, 4):

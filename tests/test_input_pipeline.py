@@ -1,9 +1,9 @@
 """The sampler-based input pipeline: epochs, topology-independent batches, O(1) resume, real
 array_record TFDS datasets (tiny, built in a temporary directory), validation and prefetch."""
 
-import gc
 import itertools
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,8 +14,9 @@ import tensorflow_datasets as tfds
 from support import synthetic_tfds
 
 from pcjax.configs import schema
-from pcjax.data import datasets, digits, input_pipeline
-from pcjax.training import sharding
+from pcjax.data import datasets, digits, input_pipeline, prepared, sources
+from pcjax.data import sampler as sampler_lib
+from pcjax.training import prefetch, sharding
 
 MEAN = np.array(datasets.IMAGENET_MEAN, np.float64)
 STD = np.array(datasets.IMAGENET_STD, np.float64)
@@ -37,7 +38,7 @@ class CountingSource:
 
 
 def _digits_source():
-    return CountingSource(input_pipeline.open_source("digits", "train"))
+    return CountingSource(sources.open_source(datasets.spec("digits"), "train"))
 
 
 def _batches(ds, n):
@@ -56,7 +57,7 @@ def test_one_epoch_visits_every_example_once():
         "digits", global_batch_size=64, seed=5, process_index=0, process_count=1, source=source
     )
     batches = _batches(ds, 42)
-    sampler = input_pipeline.IndexSampler(1347, 64, seed=5)
+    sampler = sampler_lib.IndexSampler(1347, 64, seed=5)
     assert sampler.steps_per_epoch == 21
     for epoch in range(2):
         steps = [sampler.global_indices(s) for s in range(21 * epoch, 21 * epoch + 21)]
@@ -104,7 +105,7 @@ def test_resume_reads_only_the_steps_from_k():
     )
     assert source.reads == []  # creating the stream reads nothing
     resumed = _batches(resumed_ds, 1)[0]
-    sampler = input_pipeline.IndexSampler(1347, batch, seed=1)
+    sampler = sampler_lib.IndexSampler(1347, batch, seed=1)
     rows = sampler.process_rows(1, 2)
     step_of = {}  # example -> first step in [k - 2, k + 62) whose slice holds it
     for step in range(k - 2, k + 62):
@@ -128,18 +129,18 @@ def test_resume_reads_only_the_steps_from_k():
         2,
     )
     np.testing.assert_array_equal(earlier[1]["image"], resumed["image"])
-    late = input_pipeline.IndexSampler(1347, batch, seed=1).global_indices(k - 2)[rows]
+    late = sampler_lib.IndexSampler(1347, batch, seed=1).global_indices(k - 2)[rows]
     _, labels = digits.load_split("digits", "train")
     np.testing.assert_array_equal(resumed["label"], labels[late])
 
 
 def test_sampler_bad_arguments():
     with pytest.raises(ValueError, match="global_batch_size=2000"):
-        input_pipeline.IndexSampler(1347, 2000, seed=0)
+        sampler_lib.IndexSampler(1347, 2000, seed=0)
     with pytest.raises(ValueError, match="seed"):
-        input_pipeline.IndexSampler(1347, 64, seed=-1)
+        sampler_lib.IndexSampler(1347, 64, seed=-1)
     with pytest.raises(ValueError, match="step"):
-        input_pipeline.IndexSampler(1347, 64, seed=0).global_indices(-1)
+        sampler_lib.IndexSampler(1347, 64, seed=0).global_indices(-1)
     with pytest.raises(ValueError, match="start_step"):
         input_pipeline.create_train_dataset(
             "digits", global_batch_size=8, seed=0, process_index=0, process_count=1, start_step=-3
@@ -163,7 +164,7 @@ def test_normalize_images_against_float64():
 def test_device_prefetcher_yields_sharded_batches_in_order():
     mesh = sharding.make_mesh()
     host = [{"image": np.full((8, 2), i, np.uint8), "label": np.arange(8) + i} for i in range(5)]
-    prefetcher = input_pipeline.DevicePrefetcher(iter(host), mesh, size=2)
+    prefetcher = prefetch.DevicePrefetcher(iter(host), mesh, size=2)
     got = list(prefetcher)
     assert len(got) == 5
     for i, batch in enumerate(got):
@@ -178,7 +179,7 @@ def test_device_prefetcher_raises_the_producer_error():
         yield {"image": np.zeros((8, 1), np.float32)}
         raise OSError("disk gone")
 
-    prefetcher = input_pipeline.DevicePrefetcher(broken(), sharding.make_mesh())
+    prefetcher = prefetch.DevicePrefetcher(broken(), sharding.make_mesh())
     next(prefetcher)
     with pytest.raises(OSError, match="disk gone"):
         next(prefetcher)
@@ -234,7 +235,7 @@ def test_cifar_train_on_array_record(data_dir):
         )
         for p in range(2)
     ]
-    sampler = input_pipeline.IndexSampler(CIFAR_TRAIN, 4, seed=2)
+    sampler = sampler_lib.IndexSampler(CIFAR_TRAIN, 4, seed=2)
     for step, batch in enumerate(whole):
         assert batch["image"].dtype == np.uint8 and batch["image"].shape == (4, 32, 32, 3)
         indices = sampler.global_indices(step)
@@ -295,7 +296,7 @@ def test_imagenet_train_on_array_record(data_dir):
     )
     batch = _batches(ds, 1)[0]
     assert batch["image"].dtype == np.uint8 and batch["image"].shape == (2, 40, 40, 3)
-    indices = input_pipeline.IndexSampler(IMAGENET_TRAIN, 4, seed=0).global_indices(0)[2:]
+    indices = sampler_lib.IndexSampler(IMAGENET_TRAIN, 4, seed=0).global_indices(0)[2:]
     np.testing.assert_array_equal(batch["label"], labels[indices])
     assert len(images) == IMAGENET_TRAIN
 
@@ -306,9 +307,9 @@ def test_corrupted_record_names_file_and_index(data_dir, tmp_path):
     raw = bytearray(shard.read_bytes())
     raw[2000:2100] = bytes(b ^ 0xFF for b in raw[2000:2100])
     shard.write_bytes(raw)
-    source = input_pipeline.open_source("cifar10", "train", str(tmp_path))
-    with pytest.raises(input_pipeline.RecordReadError, match=rf"record \d+ of .*{shard.name}"):
-        input_pipeline.read_records(source, range(CIFAR_TRAIN))
+    source = sources.open_source(datasets.spec("cifar10"), "train", str(tmp_path))
+    with pytest.raises(sources.RecordReadError, match=rf"record \d+ of .*{shard.name}"):
+        sources.read_records(source, range(CIFAR_TRAIN))
 
 
 def _config(name, data_dir):
@@ -336,6 +337,23 @@ def test_validation_rejects_tfrecord_and_accepts_array_record(data_dir, tmp_path
     synthetic_tfds.prepare("cifar10", str(tmp_path), [("train", 4), ("test", 2)], "tfrecord")
     with pytest.raises(schema.ConfigError, match="tfds build cifar10 --file_format=array_record"):
         schema.validate_data(_config("cifar10", str(tmp_path)))
+
+
+def test_files_alone_tell_prepared_from_not(data_dir, tmp_path, monkeypatch):
+    """Without TFDS loaded, the files decide: array_record shards pass, TFRecord shards and a
+    missing folder are refused with what was found and the prepare command."""
+    synthetic_tfds.prepare("cifar10", str(tmp_path), [("train", 4), ("test", 2)], "tfrecord")
+    monkeypatch.delitem(sys.modules, "tensorflow_datasets")
+    cifar = datasets.spec("cifar10")
+    prepared.check_prepared(cifar, data_dir)
+    prepared.check_prepared(datasets.spec("imagenet2012"), data_dir)
+    command = "tfds build cifar10 --file_format=array_record"
+    with pytest.raises(
+        prepared.DataNotPreparedError, match=rf"(?s)found cifar10-train.tfrecord.*{command}"
+    ):
+        prepared.check_prepared(cifar, str(tmp_path))
+    with pytest.raises(prepared.DataNotPreparedError, match=rf"(?s)no folder .*nowhere.*{command}"):
+        prepared.check_prepared(cifar, str(tmp_path / "nowhere"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -375,7 +393,7 @@ def test_train_iterator_from_config():
         }
     )
     mesh = sharding.make_mesh()
-    it = input_pipeline.create_train_iterator(cfg, 7, mesh)
+    it = prefetch.create_train_iterator(cfg, 7, mesh)
     batch = next(it)
     it.close()
     host = _batches(
@@ -388,15 +406,27 @@ def test_train_iterator_from_config():
     assert batch["image"].sharding == sharding.batch_sharded(mesh)
 
 
-def test_device_prefetcher_thread_stops_when_dropped():
-    host = ({"image": np.full((8, 1), i % 256, np.uint8)} for i in itertools.count())
-    prefetcher = input_pipeline.DevicePrefetcher(host, sharding.make_mesh())
-    next(prefetcher)
-    thread = prefetcher._thread
-    del prefetcher
-    gc.collect()
-    thread.join(timeout=30)  # the producer notices the stop at its next 0.5 s put timeout
-    assert not thread.is_alive()
+def test_device_prefetcher_reads_only_size_batches_ahead_and_close_lets_go():
+    """No thread drains the host stream: after k batches used, k + size were read; `close`
+    drops the queued device batches and the host iterator."""
+    reads = []
+
+    def host():
+        for i in itertools.count():
+            reads.append(i)
+            yield {"image": np.full((8, 1), i % 256, np.uint8)}
+
+    prefetcher = prefetch.DevicePrefetcher(host(), sharding.make_mesh(), size=2)
+    assert reads == []  # creating it reads nothing
+    with jax.transfer_guard("disallow"):  # as in the train loop: its copies are the intended ones
+        got = [next(prefetcher) for _ in range(3)]
+    for step, batch in enumerate(got):
+        np.testing.assert_array_equal(batch["image"], np.full((8, 1), step))
+    assert len(reads) == 3 + 2 and not prefetcher.closed
+    prefetcher.close()
+    assert prefetcher.closed and not prefetcher._ahead
+    with pytest.raises(StopIteration):
+        next(prefetcher)
 
 
 @pytest.mark.parametrize("size", [8, 32])
@@ -408,19 +438,10 @@ def test_digits_at_another_size_read_records_of_that_size(size):
     )
     batch = next(ds.as_numpy_iterator())
     assert batch["image"].shape == (16, size, size, 1)
-    indices = input_pipeline.IndexSampler(len(labels), 16, 3).global_indices(0)
+    indices = sampler_lib.IndexSampler(len(labels), 16, 3).global_indices(0)
     np.testing.assert_array_equal(batch["label"], labels[indices])
     ds, count = input_pipeline.create_eval_dataset("digits", global_batch_size=64, image_size=size)
     test_images, _ = digits.load_split("digits", "test", size)
     first = next(ds.as_numpy_iterator())
     assert count == len(test_images) and first["image"].shape == (64, size, size, 1)
     np.testing.assert_array_equal(first["image"], test_images[:64])
-
-
-def test_device_prefetcher_close_waits_for_the_producer():
-    """`close` returns only once the producer thread has exited, even with nothing consumed:
-    a thread left inside TensorFlow's iterator when the interpreter exits aborts the process."""
-    host = ({"image": np.full((8, 1), i % 256, np.uint8)} for i in itertools.count())
-    prefetcher = input_pipeline.DevicePrefetcher(host, sharding.make_mesh(), size=1)
-    prefetcher.close()
-    assert not prefetcher._thread.is_alive()

@@ -21,7 +21,17 @@ from clu import metric_writers
 from pcjax.configs import digits as digits_config
 from pcjax.configs import schema
 from pcjax.data import datasets, digits, input_pipeline
-from pcjax.training import checkpoint, launch, loop, metrics, preemption, sharding, train, workdir
+from pcjax.training import (
+    checkpoint,
+    launch,
+    loop,
+    metrics,
+    preemption,
+    prefetch,
+    sharding,
+    train,
+    workdir,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -441,7 +451,8 @@ def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
         "import sys\n"
         "from pcjax.training import cli\n"
         "assert 'tensorflow' not in sys.modules\n"
-        "cli.hide_accelerators_from_tensorflow()\n"
+        "from pcjax.data import preprocessing\n"
+        "preprocessing.hide_accelerators_from_tf()\n"
         "import tensorflow as tf\n"
         "print(sorted({d.device_type for d in tf.config.get_visible_devices()}))\n"
     )
@@ -471,19 +482,17 @@ def test_help_lists_flags_presets_and_overrides():
         assert text in out.stdout, (text, out.stdout[-3000:])
 
 
-def test_train_and_evaluate_stops_its_input_thread(tmp_path, monkeypatch):
-    """Training, and the rerun of the finished run (which takes no step), both leave no input
-    prefetch thread behind when they return."""
-    from pcjax.data import input_pipeline
-
+def test_train_and_evaluate_closes_its_input(tmp_path, monkeypatch):
+    """Training, and the rerun of the finished run (which takes no step), both let go of the
+    host pipeline and the batches queued on the devices when they return."""
     made = []
 
     def recording(*args, **kwargs):
         made.append(create(*args, **kwargs))
         return made[-1]
 
-    create = input_pipeline.create_train_iterator
-    monkeypatch.setattr(input_pipeline, "create_train_iterator", recording)
+    create = prefetch.create_train_iterator
+    monkeypatch.setattr(prefetch, "create_train_iterator", recording)
     for _ in range(2):
         loop.train_and_evaluate(_tiny_config(num_steps=2), str(tmp_path / "wd"))
-    assert len(made) == 2 and not any(p._thread.is_alive() for p in made)
+    assert len(made) == 2 and all(p.closed and not p._ahead for p in made)

@@ -57,13 +57,12 @@ def main() -> None:
         )
     from jax.experimental import multihost_utils
 
-    from pcjax.data import input_pipeline
-    from pcjax.training import loop, sharding
+    from pcjax.training import loop, prefetch, sharding
 
     config = tiny_config(args.num_steps)
     if args.dump_batches:
         mesh = sharding.make_mesh()
-        batches = input_pipeline.create_train_iterator(config, 0, mesh)
+        batches = prefetch.create_train_iterator(config, 0, mesh)
         out = {}
         for step in range(args.dump_batches):
             batch = next(batches)

@@ -276,14 +276,14 @@ def _check_model(m: ml_collections.ConfigDict) -> None:
 def validate_data(config: ml_collections.ConfigDict) -> None:
     """Checks that `config.data` names a prepared dataset (TFDS: array_record); `ConfigError`.
 
-    Opens the splits without reading a record; the error carries the command that prepares
-    the dataset. Imports TensorFlow, so it is separate from `validate`.
+    Looks at the files (`pcjax.data.prepared`, no TensorFlow); the error carries the command that
+    prepares the dataset. Separate from `validate`, which needs no data directory.
     """
-    from pcjax.data import input_pipeline
+    from pcjax.data import prepared
 
     try:
-        input_pipeline.check_prepared(config.data.name, config.data.data_dir)
-    except input_pipeline.DataNotPreparedError as error:
+        prepared.check_prepared(datasets.spec(config.data.name), config.data.data_dir)
+    except prepared.DataNotPreparedError as error:
         raise ConfigError(f"config.data.name={config.data.name!r}: {error}") from error
 
 

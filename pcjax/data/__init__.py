@@ -1,2 +1,3 @@
-"""Datasets and input: dataset specs, the digits data, TensorFlow preprocessing and the
-TFDS pipelines with their samplers."""
+"""Datasets and host input: dataset specs (`datasets`), the digits data, the index sampler,
+prepared-data checks (`prepared`), record sources, TensorFlow preprocessing and the tf.data
+pipelines yielding host NumPy batches (`input_pipeline`). Device placement is the trainer's."""

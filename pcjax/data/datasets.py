@@ -1,8 +1,9 @@
 """Dataset metadata: names, sizes, classes, splits and the split arithmetic of multi-process input.
 
-Pure Python and NumPy (no TensorFlow), so that config validation, the trainer's step counts and
-the model's input shape come from this one table without starting the input pipeline.
-`normalize_images` is the on-device normalisation the train and eval steps apply to each batch.
+Pure Python and NumPy (no TensorFlow, no JAX), so that config validation, the trainer's step
+counts and the model's input shape come from this one table without starting the input pipeline.
+The pipelines resolve a name to its `DatasetSpec` once and hand the spec down.
+`normalize_images` is the normalisation the train and eval steps apply to each batch on the device.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax.numpy as jnp
+import numpy as np
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,6 +30,7 @@ class DatasetSpec:
     """Static facts about a supported dataset.
 
     Attributes:
+        name: the dataset's name, its key in `DATASETS` (and its TFDS name for TFDS datasets).
         image_size: default height = width of the images the pipelines yield.
         num_channels: channels of the yielded images.
         num_classes: number of labels.
@@ -39,6 +41,7 @@ class DatasetSpec:
         tfds: whether the examples come from a prepared TFDS dataset (else: in memory, NumPy).
     """
 
+    name: str
     image_size: int
     num_channels: int
     num_classes: int
@@ -48,9 +51,29 @@ class DatasetSpec:
     num_eval_examples: int
     tfds: bool
 
+    def resolve_image_size(self, image_size: int | None) -> int:
+        """The side of the images yielded (`None`: the default); ValueError if unsupported."""
+        if image_size is None:
+            return self.image_size
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
+        if self.name == "cifar10" and image_size != self.image_size:
+            raise ValueError(f"cifar10 images are 32x32; image_size={image_size} is not supported.")
+        if self.name == "digits":
+            check_digits_image_size(image_size)
+        if self.name == "digits_canvas":
+            check_canvas_size(image_size)
+        return image_size
 
-def _digits_spec(image_size: int) -> DatasetSpec:
+    def image_shape(self, image_size: int | None = None) -> tuple[int, int, int]:
+        """(height, width, channels) of the images yielded at `image_size` (`None`: default)."""
+        size = self.resolve_image_size(image_size)
+        return (size, size, self.num_channels)
+
+
+def _digits_spec(name: str, image_size: int) -> DatasetSpec:
     return DatasetSpec(
+        name=name,
         image_size=image_size,
         num_channels=1,
         num_classes=10,
@@ -64,6 +87,7 @@ def _digits_spec(image_size: int) -> DatasetSpec:
 
 DATASETS: dict[str, DatasetSpec] = {
     "imagenet2012": DatasetSpec(
+        name="imagenet2012",
         image_size=224,
         num_channels=3,
         num_classes=1000,
@@ -74,6 +98,7 @@ DATASETS: dict[str, DatasetSpec] = {
         tfds=True,
     ),
     "cifar10": DatasetSpec(
+        name="cifar10",
         image_size=32,
         num_channels=3,
         num_classes=10,
@@ -83,8 +108,8 @@ DATASETS: dict[str, DatasetSpec] = {
         num_eval_examples=10_000,
         tfds=True,
     ),
-    "digits": _digits_spec(16),
-    "digits_canvas": _digits_spec(DIGITS_CANVAS_SIZE),
+    "digits": _digits_spec("digits", 16),
+    "digits_canvas": _digits_spec("digits_canvas", DIGITS_CANVAS_SIZE),
 }
 DATASET_NAMES = tuple(DATASETS)
 
@@ -121,18 +146,7 @@ def resolve_image_size(name: str, image_size: int | None) -> int:
     Raises:
         ValueError: for an unknown dataset or a size the dataset does not support.
     """
-    dataset = spec(name)
-    if image_size is None:
-        return dataset.image_size
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise ValueError(f"image_size must be a positive int, got {image_size!r}.")
-    if name == "cifar10" and image_size != dataset.image_size:
-        raise ValueError(f"cifar10 images are 32x32; image_size={image_size} is not supported.")
-    if name == "digits":
-        check_digits_image_size(image_size)
-    if name == "digits_canvas":
-        check_canvas_size(image_size)
-    return image_size
+    return spec(name).resolve_image_size(image_size)
 
 
 def num_classes(name: str) -> int:
@@ -150,8 +164,7 @@ def image_shape(name: str, image_size: int | None = None) -> tuple[int, int, int
     Raises:
         ValueError: for an unknown dataset name or an unsupported image size.
     """
-    size = resolve_image_size(name, image_size)
-    return (size, size, spec(name).num_channels)
+    return spec(name).image_shape(image_size)
 
 
 def per_process_batch_size(global_batch_size: int, process_count: int) -> int:
@@ -190,15 +203,16 @@ def num_eval_batches(num_examples: int, per_process_batch: int, process_count: i
     return max(1, math.ceil(busiest / per_process_batch))
 
 
-def normalize_images(images: jnp.ndarray) -> jnp.ndarray:
+def normalize_images(images):
     """On-device input normalisation: uint8 pixels -> `(x / 255 - IMAGENET_MEAN) / IMAGENET_STD`.
 
     CIFAR-10 and ImageNet batches arrive as uint8 (the authors normalise CIFAR-10 with the
     ImageNet statistics too, docs/spec.md §7.6); float batches (the digits sets, already
     standardised on the host) pass through unchanged. The dtype decides, statically under jit.
+    Written with array methods and NumPy constants, so a jax.Array (traced or not) stays one.
     """
-    if images.dtype != jnp.uint8:
+    if images.dtype != np.uint8:
         return images
-    mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-    std = jnp.asarray(IMAGENET_STD, jnp.float32)
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
+    mean = np.asarray(IMAGENET_MEAN, np.float32)
+    std = np.asarray(IMAGENET_STD, np.float32)
+    return (images.astype(np.float32) / 255.0 - mean) / std

@@ -5,8 +5,8 @@ tf.data maps. CIFAR-10 and ImageNet images come out as uint8 in [0, 255] (the re
 crops rounded to the nearest level, as torchvision's PIL resize does before `ToTensor`); the
 normalisation by the ImageNet mean and std runs on the device (`datasets.normalize_images`).
 `normalize` is its host-side TF twin, kept for tests and the benchmark of the former pipeline.
-TF runs on the host CPU only: `hide_accelerators_from_tf` runs before any pipeline is built, so
-TF never takes GPU memory or TPU cores from JAX.
+TF runs on the host CPU only: `hide_accelerators_from_tf` runs before any pipeline is built (and
+first thing in the CLI), so TF never takes GPU memory or TPU cores from JAX.
 """
 
 from __future__ import annotations
@@ -31,7 +31,11 @@ CIFAR_PADDING = 4
 
 @functools.cache
 def hide_accelerators_from_tf() -> None:
-    """Makes TF see only the host CPU, so that it leaves GPU memory and TPU cores to JAX."""
+    """Makes TF see only the host CPU, so that it leaves GPU memory and TPU cores to JAX.
+
+    Effective only before TF's runtime starts: the CLI calls it first thing, the pipeline
+    builders again (a no-op then, or a warning if TF started with other devices visible).
+    """
     for kind in ("GPU", "TPU"):
         try:
             tf.config.set_visible_devices([], kind)

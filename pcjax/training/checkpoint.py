@@ -26,8 +26,6 @@ from pcjax.training import checksums
 
 STATE, LOOP, CHECKSUMS = "state", "loop", "checksums"
 DAMAGED, DIVERGED = "damaged_checkpoints", "diverged_checkpoints"
-# The item of a checkpoint of the state alone, as written before the "loop" item existed.
-LEGACY = "default"
 
 
 class CheckpointError(RuntimeError):
@@ -163,9 +161,6 @@ def _drop_closed_loop_callbacks() -> None:
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any) -> tuple[Any, dict]:
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     step_dir = manager.directory / str(step)
-    if not (step_dir / STATE).exists() and (step_dir / LEGACY).exists():
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(step_dir / LEGACY, abstract), {}
     items = {STATE: ocp.args.StandardRestore(abstract), LOOP: ocp.args.JsonRestore()}
     verified = (step_dir / CHECKSUMS).exists()  # checkpoints written before checksums: not
     if verified:
@@ -279,8 +274,6 @@ def restore_variables(workdir: str | epath.PathLike, step: int | None = None) ->
         if step is None:
             raise FileNotFoundError(f"No checkpoint under {directory}.")
     item = directory / str(step) / STATE
-    if not item.exists():
-        item = directory / str(step) / LEGACY
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     with ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(item)

@@ -16,18 +16,6 @@ import os
 import sys
 
 
-def hide_accelerators_from_tensorflow() -> None:
-    """Makes TensorFlow (input pipeline, TensorBoard writer) see only the host CPU, so that it
-    leaves GPU memory and TPU cores to JAX. Must run before anything starts TF's runtime."""
-    import tensorflow as tf
-
-    for kind in ("GPU", "TPU"):
-        try:
-            tf.config.set_visible_devices([], kind)
-        except (RuntimeError, ValueError):  # no such device kind, or TF already started
-            pass
-
-
 def _presets(config_spec: str) -> str:
     """The presets a config file names (its PRESETS tuples, or its get_config docstring)."""
     path = config_spec.split(":", 1)[0]
@@ -69,7 +57,9 @@ def _env_int(name: str) -> int | None:
 def main(default_config: str) -> None:
     """Defines the flags, hides accelerators from TF, trains, prints the final eval."""
     if not any(a.startswith("--compile_for") for a in sys.argv[1:]):
-        hide_accelerators_from_tensorflow()  # compile-only checks never start TensorFlow
+        from pcjax.data import preprocessing  # imports TensorFlow; compile-only checks do not
+
+        preprocessing.hide_accelerators_from_tf()
     from absl import app, flags, logging
     from ml_collections import config_flags
 

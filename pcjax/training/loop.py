@@ -16,7 +16,7 @@ from absl import logging
 
 from pcjax.configs import schema
 from pcjax.data import datasets
-from pcjax.training import checkpoint, health, sharding
+from pcjax.training import checkpoint, health, prefetch, sharding
 from pcjax.training import workdir as workdir_lib
 from pcjax.training.preemption import Preempted, Stopper
 from pcjax.training.train import Batch, TrainState, _steps, build_steps, evaluate
@@ -43,7 +43,7 @@ class Run:
     eval_every: int
     train_step: Callable  # (state, sharded batch) -> (state, metrics)
     eval_step: Callable  # (state, sharded batch) -> metric sums
-    train_batches: Iterator[dict[str, np.ndarray]]
+    train_batches: Iterator[Batch]  # global, on the devices (prefetch.DevicePrefetcher)
     eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]
     manager: Any  # orbax CheckpointManager
     writer: metric_writers.MetricWriter
@@ -59,7 +59,7 @@ def input_pipelines(
     from pcjax.data import input_pipeline  # TensorFlow: imported where used
 
     d = config.data
-    train_batches = input_pipeline.create_train_iterator(config, start_step, mesh)
+    train_batches = prefetch.create_train_iterator(config, start_step, mesh)
 
     def eval_batches() -> Iterator[dict[str, np.ndarray]]:
         ds, _ = input_pipeline.create_eval_dataset(
@@ -376,7 +376,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     finally:
         close = getattr(run.train_batches, "close", None)
         if close is not None:
-            close()  # the prefetch thread must not outlive the run (see DevicePrefetcher.close)
+            close()  # frees the batches queued on the devices and the host pipeline
         run.manager.close()
         if lock is not None:
             workdir_lib.release_lock(lock)
