@@ -1,7 +1,7 @@
 """Per-block compiled figures of a phase-collapse network for a compile-only TPU v5e chip.
 
-    python benchmarks/scale_blocks.py --model imagenet/mod/rho_psi --blocks 0 1 --batch 16
-    python benchmarks/scale_blocks.py --model imagenet/mod/rho_psi --blocks 1 --stages
+    python -m benchmarks.scale_blocks --model imagenet/mod/rho_psi --blocks 0 1 --batch 16
+    python -m benchmarks.scale_blocks --model imagenet/mod/rho_psi --blocks 1 --stages
 
 Each block of a registered network is compiled (never run) on its own, forward + backward
 (the gradient of a random linear function of its output w.r.t. its parameters and its input),
