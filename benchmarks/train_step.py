@@ -282,7 +282,12 @@ def report(results: list[dict], peak: float, setting: str) -> str:
     )
     text += "\n" + throughput_table(results) + "\n\n"
     text += f"FLOPs (fp32 4096x4096 matmul peak measured in the same run: {peak:.0f} GFLOP/s):\n\n"
-    text += flops_table(results, peak) + "\n"
+    text += flops_table(results, peak) + "\n\n"
+    text += (
+        "Executed: XLA's cost analysis of the compiled programs. Useful: the complex 1x1 "
+        "projections counted naively (see the module's docstring). Bound: the img/s if every "
+        "executed FLOP ran at that matmul rate.\n"
+    )
     if ref:
         text += f"\nTargets (train {TRAIN_TARGET:g}x, eval {EVAL_TARGET:g}x the reference):\n\n"
         text += target_table(results, peak) + "\n"
