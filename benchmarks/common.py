@@ -29,21 +29,12 @@ DOCS = ROOT / "docs" / "benchmarks"
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """Per-call wall times in milliseconds, with their median and spread."""
+    """Per-call wall times in milliseconds."""
 
     samples_ms: tuple[float, ...]
-
-    @property
-    def median_ms(self) -> float:
-        return statistics.median(self.samples_ms)
-
-    @property
-    def min_ms(self) -> float:
-        return min(self.samples_ms)
-
-    @property
-    def runs(self) -> int:
-        return len(self.samples_ms)
+    median_ms = property(lambda self: statistics.median(self.samples_ms))
+    min_ms = property(lambda self: min(self.samples_ms))
+    runs = property(lambda self: len(self.samples_ms))
 
 
 def _block_until_ready(out: Any) -> Any:

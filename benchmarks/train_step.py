@@ -5,24 +5,19 @@
     python -m benchmarks.train_step --rows cifar_b --host-memory hugepages
     python -m benchmarks.train_step --reference CHECKOUT --reference-python TORCH_PYTHON
 
-Each row (`ROWS`) is a preset of `pcjax.configs`; its programs are those the trainer runs,
-`pcjax.training.train.build_steps` (forward, loss, backward, SGD with momentum and weight decay,
-donated state; eval with running statistics), fed random images of the pipeline's dtype. Each
-row runs in its own subprocess, so that its peak RSS is its own. Train: median of --steps steps
-after WARMUP_STEPS; eval: median of max(--steps, 3) calls.
-
-FLOPs: "executed" is XLA's cost analysis of the compiled programs; "useful" counts the complex
-1x1 projections naively, 8 real FLOPs per complex multiply-add with real inputs promoted to
-complex as the reference does, a train step as 3x the forward. "Bound": the img/s if every
+Each row (`ROWS`) is a preset of `pcjax.configs`, whose programs are those the trainer runs
+(`train.build_steps`: forward, loss, backward, SGD with momentum and weight decay, donated state;
+eval with running statistics), fed random images of the pipeline's dtype, in a subprocess of its
+own so that its peak RSS is its own. Train: median of --steps steps after WARMUP_STEPS; eval:
+median of max(--steps, 3) calls. FLOPs "executed": XLA's cost analysis; "useful": the complex
+1x1 projections counted naively, 8 real FLOPs per complex multiply-add with real inputs promoted
+to complex as the reference does, a train step as 3x the forward; "bound": the img/s if every
 executed FLOP ran at the fp32 4096x4096 matmul rate measured in the same run.
 
-Host memory (`--host-memory`, CPU runs): `reuse` (default) applies `benchmarks.host_memory` in
-each row's process; `hugepages` starts it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; `default`
-is glibc's default. Each writes its own table (docs/benchmarks/README.md, "Host memory").
-
+`--host-memory` (CPU): `reuse` applies `benchmarks.host_memory` in each row's process;
+`hugepages` starts it with GLIBC_TUNABLES=glibc.malloc.hugetlb=1; `default` is glibc's default.
 `--reference`: after each row, the same row of the authors' PyTorch code (`benchmarks.reference
 step`, under the equivalent glibc setting), and speed-ups against those figures of this run.
-Without it the tables have no reference column.
 """
 
 from __future__ import annotations
@@ -135,8 +130,9 @@ def measure(spec: str, batch: int, steps: int, setting: str, precision: str | No
         "compile_s": compile_s,
         "train_ips": batch / train_s,
         "eval_ips": batch / eval_s,
-        "train_gflop_per_img": common.compiled_flops(train_c) / batch / 1e9,
-        "eval_gflop_per_img": common.compiled_flops(eval_c) / batch / 1e9,
+        # XLA's cost analysis counts one device's share of the partitioned program.
+        "train_gflop_per_img": common.compiled_flops(train_c) * mesh.size / batch / 1e9,
+        "eval_gflop_per_img": common.compiled_flops(eval_c) * mesh.size / batch / 1e9,
         "useful_fwd_proj_gflop_per_img": useful_projection_gflop(steps_.model, shape),
         # Page faults and kernel time show whether the step's temporaries are mapped afresh.
         "train_page_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
@@ -191,7 +187,7 @@ def check_reference(checkout: str, python: str) -> str:
         )
     try:
         probe = subprocess.run([python, "-c", "import torch, scipy"], capture_output=True)
-        problem = probe.stderr.decode().strip().splitlines()[-1] if probe.returncode else ""
+        problem = probe.returncode and probe.stderr.decode().strip().splitlines()[-1]
     except OSError as e:
         problem = str(e)
     if problem:
@@ -295,15 +291,10 @@ def report(results: list[dict], peak: float, setting: str) -> str:
 
 
 def csv_rows(results: list[dict], peak: float) -> list[dict]:
-    out = []
-    for r in results:
-        row = {k: v for k, v in r.items() if k != "ref"}
-        row |= {f"ref_{k}": v for k, v in r.get("ref", {}).items()}
-        row["matmul_peak_gflops"] = peak
-        for kind in ("train", "eval"):
-            row[f"{kind}_bound_ips"] = bound_ips(r[f"{kind}_gflop_per_img"], peak)
-        out.append(row)
-    return out
+    """The results flat (the reference's figures as ref_*), with the peak of the run."""
+    flat = [{k: v for k, v in r.items() if k != "ref"} for r in results]
+    return [f | {f"ref_{k}": v for k, v in r.get("ref", {}).items()} | {"matmul_peak_gflops": peak}
+            for f, r in zip(flat, results, strict=True)]  # fmt: skip
 
 
 def main() -> None:
