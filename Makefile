@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 # The wavelet benchmark calls XLA:CPU programs whose temporaries are mapped afresh on each call;
 # glibc's huge-page tunable backs them with 2 MiB pages, a few hundred times fewer page faults
 # (docs/benchmarks/README.md, "Host memory"). Inert where glibc or the kernel lacks it. The
-# trainer leaves host memory alone unless config.train.cpu_reuse_step_memory is set.
+# train-step and per-block benchmarks set their own (benchmarks/host_memory.py); the trainer
+# leaves host memory alone.
 HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 .PHONY: install test test-heavy test-fast quickstart bench lint clean
@@ -43,9 +44,9 @@ quickstart: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pip install -e '.[bench]'
-	$(HOST_ENV) $(PY) benchmarks/wavelets.py
-	$(PY) benchmarks/train_step.py
-	$(PY) benchmarks/blocks.py
+	$(HOST_ENV) $(PY) -m benchmarks.wavelets
+	$(PY) -m benchmarks.train_step
+	$(PY) -m benchmarks.blocks
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pcjax experiments tests benchmarks

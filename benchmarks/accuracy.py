@@ -1,45 +1,47 @@
-"""Forward error of pcjax against a float64 NumPy evaluation of the same seeded model.
+"""Forward error of pcjax against a float64 NumPy evaluation of the same weights and images.
 
-For each block of the CIFAR-10 variant-B net (train-mode batch statistics, seeded weights and
-images) prints: the error of the projection output of that block alone (its float64 input
-rounded to float32), and the error of the block output when the float32 net runs from the image
-(chained). Errors are max |pcjax - float64| / max |float64|, at each precision policy.
+    python -m benchmarks.accuracy                        # CIFAR-10 variant B, every precision
+    python -m benchmarks.accuracy --quick                # smoke widths, batch 2
+    python -m benchmarks.accuracy --seed 1 --reference CHECKOUT --reference-python TORCH_PYTHON
 
-    python -m benchmarks.accuracy [--batch 4] [--precision highest default bf16]
-    python -m benchmarks.accuracy --seed 1 --same-weights /tmp/cifar_b_seed1.npz
+For each precision policy and each block of the seeded net (train-mode batch statistics): the
+error of the block's projection output when the block alone is fed its float64 input rounded to
+float32 ("one block"), and the error of the block output when the float32 net runs from the
+image ("chained"); each max |pcjax - float64| / max |float64| against
+`tests/support/float64_oracle.py`. It runs on the device JAX has, where `default` and `bf16` are
+the backend's own (TF32 and bf16 tensor cores on GPUs, one bf16 pass on TPUs).
 
-`--same-weights PATH` also writes the image batch, every projection kernel and the float64
-block outputs of that seed to PATH, for `benchmarks/reference_accuracy.py` to run the authors'
-code with the same weights and inputs against the same float64 outputs.
+`--reference`: the authors' float32 PyTorch code with the same weights, images and float64
+outputs (`--same-weights PATH` keeps the `.npz`), run by `benchmarks.reference error`; its
+chained error is one more column, on the rows of the first precision.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import layers, models
+from benchmarks import common
+from pcjax.configs import schema
+from pcjax.nn import layers
 from tests.support import float64_oracle as oracle
 
 
-def block_errors(
-    model_name: str,
-    precision: str,
-    batch: int,
-    seed: int = 0,
-    size: int = 32,
-    wavelet_method: str = "auto",
-    dump: str | None = None,
-):
-    """[(block, single-block projection error, chained output error)] for one model.
+def block_errors(config, shape, batch: int, seed: int = 0, dump: str | None = None):
+    """[(block, one-block projection error, chained output error)] of `config`'s network.
 
-    With `dump` (a path), also saves the input, kernels and float64 outputs there (`.npz`)."""
-    model = models.build_model(model_name, precision=precision, wavelet_method=wavelet_method)
+    With `dump` (a path), also saves the images, kernels and float64 block outputs (`.npz`)."""
+    model = schema.build_model(config)
     rng = np.random.default_rng(seed)
-    x = (rng.standard_normal((batch, size, size, 3)) * 1.2 + 0.3).astype(np.float32)
+    x = (rng.standard_normal((batch, *shape)) * 1.2 + 0.3).astype(np.float32)
     variables = model.init(jax.random.key(seed), jnp.asarray(x))
     want = oracle.net_blocks(model, variables, x)
     if dump:
@@ -56,25 +58,17 @@ def block_errors(
         v = {"params": variables["params"][f"block{b}"]}
         if "batch_stats" in variables:
             v["batch_stats"] = variables["batch_stats"][f"block{b}"]
-        # Single block: the float64 input rounded to float32, projection output before N.
         xin = inputs[b]
         xin32 = jnp.asarray(xin.astype(np.complex64 if np.iscomplexobj(xin) else np.float32))
         _, inter = blk.apply(
-            v,
-            xin32,
-            train=True,
-            mutable=["batch_stats", "intermediates"],
+            v, xin32, train=True, mutable=["batch_stats", "intermediates"],
             capture_intermediates=lambda mdl, _: mdl.name == "proj",
-        )
-        got_proj = inter["intermediates"]["proj"]["__call__"][0]
+        )  # fmt: skip
         want_proj = oracle.block_pre_norm(
-            xin,
-            v["params"],
-            kw["num_angles"],
-            kw["filter_mode"],
-            kw["block_type"],
+            xin, v["params"], kw["num_angles"], kw["filter_mode"], kw["block_type"],
             kw["nonlinearity"],
-        )
+        )  # fmt: skip
+        got_proj = inter["intermediates"]["proj"]["__call__"][0]
         u32, _ = blk.apply(v, u32, train=True, mutable=["batch_stats"])
         rows.append(
             (b, oracle.relative_error(got_proj, want_proj), oracle.relative_error(u32, want[b]))
@@ -82,27 +76,49 @@ def block_errors(
     return rows
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--model", default="cifar10/mod/linear_plus_rho")
+def reference_errors(checkout: str, python: str, weights: str) -> list[float]:
+    """Per block, the chained error of the authors' code on the weights and images of `weights`."""
+    cmd = [python, "-m", "benchmarks.reference", "error", os.path.abspath(checkout), weights]
+    out = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["errors"]
+
+
+def main(argv: list[str] | None = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default="cifar10:mod/linear_plus_rho", help="dataset:preset")
+    p.add_argument("--quick", action="store_true", help="the preset's smoke widths, batch 2")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--precision", nargs="+", default=list(layers.PRECISIONS))
     p.add_argument("--wavelet-method", default="auto")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the images")
-    p.add_argument("--same-weights", help="also write the seed's weights, input, float64 outputs")
-    args = p.parse_args()
-    print(
-        f"{args.model}, batch {args.batch}, wavelets {args.wavelet_method}, "
-        f"seed {args.seed}, backend {jax.default_backend()}"
+    p.add_argument("--same-weights", help="write the seed's weights, images, float64 outputs")
+    p.add_argument("--reference", metavar="CHECKOUT", help="also the authors' code (CIFAR-10 B)")
+    p.add_argument("--reference-python", default=sys.executable, help="a Python with torch")
+    args = p.parse_args(argv)
+    if args.reference and (args.quick or args.config != "cifar10:mod/linear_plus_rho"):
+        p.error("--reference runs the authors' CIFAR-10 variant B at full width")
+    spec, batch = (args.config + ",smoke", 2) if args.quick else (args.config, args.batch)
+    dump = args.same_weights
+    if args.reference and not dump:
+        dump = os.path.join(tempfile.mkdtemp(), "weights.npz")
+    cols = ["precision", "block", "one block (proj. out)", "chained (block out)"]
+    rows = []
+    for i, prec in enumerate(args.precision):
+        config, shape = common.load_config(spec)
+        config.model.precision, config.model.wavelet_method = prec, args.wavelet_method
+        errors = block_errors(config, shape, batch, args.seed, dump if i == 0 else None)
+        rows += [[prec, b, f"{one:.2e}", f"{chained:.2e}"] for b, one, chained in errors]
+    if args.reference:
+        cols.append("reference, chained")
+        ref = reference_errors(args.reference, args.reference_python, dump)
+        rows = [r + [f"{ref[r[1]]:.2e}" if r[0] == args.precision[0] else ""] for r in rows]
+    text = (
+        common.header("accuracy")
+        + f"Network: {spec}, batch {batch}, seed {args.seed}, wavelets {args.wavelet_method}, "
+        "train-mode batch statistics.\n\n" + common.markdown_table(cols, rows)
     )
-    print("| precision | block | one block (proj. out) | chained (block out) |")
-    print("|---|---|---|---|")
-    for prec in args.precision:
-        dump = args.same_weights if prec == args.precision[0] else None
-        for b, single, chained in block_errors(
-            args.model, prec, args.batch, args.seed, wavelet_method=args.wavelet_method, dump=dump
-        ):
-            print(f"| {prec} | {b} | {single:.2e} | {chained:.2e} |")
+    print(text)
+    return text
 
 
 if __name__ == "__main__":

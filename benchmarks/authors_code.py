@@ -1,6 +1,6 @@
 """The authors' PyTorch code (FlorentinGuth/PhaseCollapse), imported from a local checkout.
 
-Used to measure pcjax side by side with it (`benchmarks/reference_step.py`) and to write the
+Used to measure pcjax side by side with it (`benchmarks.reference`) and to write the
 golden outputs (`tests/golden/generate_golden.py`). It is no dependency of pcjax and nothing of
 it is copied here: these helpers run under a separate Python with torch, numpy and scipy,
 against a checkout of 693647f with the two one-line fixes of docs/spec.md 7.1.
@@ -42,7 +42,7 @@ def _paper_flags(dataset: str, variant: str) -> list[str]:
     ]
 
 
-# Benchmark rows (as in `benchmarks/train_step.py`): flags, image size, number of classes.
+# Benchmark rows (as in `benchmarks.train_step`): flags, image size, number of classes.
 PAPER_MODELS = {
     "cifar_b": (_paper_flags("cifar10", "B"), 32, 10),
     "cifar_a": (_paper_flags("cifar10", "A"), 32, 10),

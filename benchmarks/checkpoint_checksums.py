@@ -1,30 +1,30 @@
 """Cost of the per-array checksums of a checkpoint, for the ImageNet preset's train state.
 
-    JAX_PLATFORMS=cpu python benchmarks/checkpoint_checksums.py [--preset=mod/rho_psi] [--dir=/tmp]
+    JAX_PLATFORMS=cpu python -m benchmarks.checkpoint_checksums [--preset=mod/rho_psi] [--dir=/tmp]
+    JAX_PLATFORMS=cpu python -m benchmarks.checkpoint_checksums --preset=mod/rho_psi,smoke
 
 Builds the state's shapes with jax.eval_shape (no training), fills them with random numbers,
 then times, best of --repeats: the checksums alone; a save (until written) with and without
 them; a restore with and without verifying them. Prints one Markdown table row per quantity.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 import shutil
 import tempfile
-import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from pcjax.configs import imagenet
-from pcjax.data import datasets
+from benchmarks import common
 from pcjax.training import checkpoint, checksums, sharding, train
 
 
 def _state(preset: str):
-    cfg = imagenet.get_config(preset)
-    shape = datasets.image_shape(cfg.data.name, cfg.data.image_size)
+    cfg, shape = common.load_config(f"imagenet:{preset}")
     steps = train.build_steps(cfg, sharding.make_mesh(), 1000, shape)  # the trainer's state
     abstract = jax.eval_shape(steps.init, jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -33,17 +33,14 @@ def _state(preset: str):
     )
 
 
-def _best(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def _best(fn, repeats: int) -> float:
+    """Seconds of the fastest of `repeats` calls of `fn` (which waits for its own work)."""
+    t = common.time_fn(fn, warmup=0, min_time=0, min_runs=repeats, max_runs=repeats, sync=id)
+    return t.min_ms / 1e3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="mod/rho_psi")
     parser.add_argument("--dir", default=tempfile.gettempdir())
     parser.add_argument("--repeats", type=int, default=3)
@@ -89,12 +86,11 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     leaves = len(jax.tree.leaves(arrays))
     print(
-        f"imagenet.py:{args.preset}: {leaves} arrays, {size / 2**20:.1f} MiB, "
-        f"backend {jax.default_backend()}, best of {args.repeats}"
+        common.header("checkpoint_checksums")
+        + f"State of imagenet:{args.preset}: {leaves} arrays, {size / 2**20:.1f} MiB; best of "
+        f"{args.repeats}.\n\n"
+        + common.markdown_table(["operation", "seconds"], [[n, f"{s:.3f}"] for n, s in rows])
     )
-    print("| operation | seconds |\n|---|---|")
-    for name, seconds in rows:
-        print(f"| {name} | {seconds:.3f} |")
 
 
 if __name__ == "__main__":

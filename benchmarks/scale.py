@@ -1,7 +1,7 @@
 """The paper presets compiled for TPU slices (and H200s) on this machine: docs/scale.md.
 
-    python benchmarks/scale.py                       # every preset x target below
-    python benchmarks/scale.py --preset=cifar10:mod/rho_psi --targets=v5e-8,v4-32
+    python -m benchmarks.scale                       # every preset x target below
+    python -m benchmarks.scale --preset=cifar10:mod/rho_psi --targets=v5e-8,v4-32
 
 For each preset and target: the train step compiled at the paper's global batch (does it fit,
 HBM per chip, roofline img/s per chip and per slice, wall time for the paper's epochs, host
@@ -19,8 +19,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import shlex
-import sys
 from pathlib import Path
 
 from absl import app, flags
@@ -28,6 +26,7 @@ from absl import app, flags
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from benchmarks import common  # noqa: E402
 from pcjax.accelerators import compile_only, compile_report, targets  # noqa: E402
 from pcjax.configs import cifar10, imagenet  # noqa: E402
 from pcjax.data import datasets  # noqa: E402
@@ -205,16 +204,15 @@ def write_markdown(rows: list[dict], command: str) -> None:
         "# Paper presets on TPU slices and GPUs, compiled without the devices",
         "",
         f"Command: `{command}`  ",
-        f"Date: {datetime.date.today()}; jax {_version('jax')}, libtpu {_version('libtpu')}; "
+        f"Date: {datetime.date.today()}; {common.versions('jax', 'libtpu')}; "
         "compiled on a CPU machine with `--compile_for`'s code (`accelerators.compile_only`).",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
+        common.markdown_table(header, [_cells(r) for r in rows]),
+        "",
+        NOTES,
     ]
-    lines += ["| " + " | ".join(_cells(r)) + " |" for r in rows]
-    lines += ["", NOTES]
     out = Path(_OUT.value)
-    # The per-block tables below (benchmarks/scale_blocks.py) are kept as they are.
+    # The per-block tables below (benchmarks.scale_blocks) are kept as they are.
     old = out.read_text() if out.exists() else ""
     kept = old[old.index(PER_BLOCK) :] if PER_BLOCK in old else ""
     out.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
@@ -235,25 +233,15 @@ its all-reduce. v4 and v5p names count TensorCores (two per chip), v5e and v6e n
 chips. Every compile is cached in docs/scale.csv under a hash of its lowered program."""
 
 
-def _version(dist: str) -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def main(argv: list[str]) -> None:
     del argv
     if _FRESH.value and os.path.exists(_CSV.value):
         os.remove(_CSV.value)
-    command = "python benchmarks/scale.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     rows, setups = [], {}
     for preset in _PRESETS.value:
         for target in _TARGETS.value:
             rows.append(measure(preset, target, setups))
-            write_markdown(rows, command.strip())
+            write_markdown(rows, common.command("scale"))
             print(" | ".join(_cells(rows[-1])), flush=True)
 
 

@@ -1,9 +1,9 @@
 """Per-block compiled figures of a phase-collapse network for a compile-only TPU v5e chip.
 
-    python benchmarks/scale_blocks.py --model imagenet/mod/rho_psi --blocks 0 1 --batch 16
-    python benchmarks/scale_blocks.py --model imagenet/mod/rho_psi --blocks 1 --stages
+    python -m benchmarks.scale_blocks --config imagenet:mod/rho_psi --blocks 0 1 --batch 16
+    python -m benchmarks.scale_blocks --config imagenet:mod/rho_psi --blocks 1 --stages
 
-Each block of a registered network is compiled (never run) on its own, forward + backward
+Each block of a preset's network is compiled (never run) on its own, forward + backward
 (the gradient of a random linear function of its output w.r.t. its parameters and its input),
 in train mode, for one chip of a compile-only v5e 2x2 slice (libtpu's topology description on
 this host). Prints XLA's own figures per image: FLOPs, bytes accessed, temporaries, and next to
@@ -31,8 +31,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from pcjax.accelerators import targets  # noqa: E402
-from pcjax.nn import layers, models  # noqa: E402
+from pcjax.configs import schema  # noqa: E402
+from pcjax.nn import layers  # noqa: E402
 
 
 def tpu_device():
@@ -41,11 +43,13 @@ def tpu_device():
     return targets.devices(targets.get_target("v5e-4"))[0]
 
 
-def block_inputs(model_name: str, batch: int, **overrides):
-    """(block, variables, input, output) shape structs of every block of `model_name`."""
-    spec = models.get_model_spec(model_name)
-    net = spec.build(**overrides)
-    x = jax.ShapeDtypeStruct((batch, *spec.image_shape), jnp.float32)
+def block_inputs(spec: str, batch: int, wavelet_method: str):
+    """(block, variables, input, output) shape structs of every block of the network of
+    "dataset:preset" (`common.load_config`)."""
+    config, image_shape = common.load_config(spec)
+    config.model.wavelet_method = wavelet_method
+    net = schema.build_model(config)
+    x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     out = []
     for b, kwargs in enumerate(net.block_kwargs()):
         block = layers.PhaseCollapseBlock(**kwargs)
@@ -128,14 +132,14 @@ def stage_bytes(hlo_text: str) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="imagenet/mod/rho_psi")
+    parser.add_argument("--config", default="imagenet:mod/rho_psi", help="dataset:preset")
     parser.add_argument("--blocks", type=int, nargs="*", help="default: all")
     parser.add_argument("--batch", type=int, default=16, help="images per chip")
     parser.add_argument("--wavelet-method", default="matmul")
     parser.add_argument("--stages", action="store_true")
     args = parser.parse_args()
     device = tpu_device()
-    blocks = block_inputs(args.model, args.batch, wavelet_method=args.wavelet_method)
+    blocks = block_inputs(args.config, args.batch, args.wavelet_method)
     print(
         "| block | input | output | GFLOP/img | HBM MB/img | natural MB/img | ratio "
         "| temporaries MiB/img |"

@@ -1,4 +1,4 @@
-"""Host-memory reuse for CPU runs: glibc keeps freed memory mapped, CPU steps run one at a time."""
+"""benchmarks.host_memory: glibc keeps freed memory mapped, CPU steps run one at a time."""
 
 import os
 import platform
@@ -13,9 +13,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # allocated, touched page by page and freed, three times over, on the main thread or on a
 # thread started after the setting (as XLA:CPU's worker threads are).
 _CYCLE = """
-import ctypes, resource, sys, threading
-sys.path.insert(0, {root!r})
-from pcjax.training import host_memory
+import ctypes, resource, threading
+from benchmarks import host_memory
 applied = host_memory.keep_freed_memory() if {keep} else None
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -45,8 +44,8 @@ print(applied, *faults)
 def _run(code: str, **extra_env: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}  # 4 KiB pages
     env.update(extra_env)
-    out = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    out = subprocess.run(  # from the repository root, where `benchmarks` is importable
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     return out.stdout.split()
 
@@ -67,18 +66,16 @@ def _thp_always() -> bool:
 @pytest.mark.parametrize("worker", [False, True], ids=["main_thread", "worker_thread"])
 def test_keep_freed_memory_reuses_a_freed_buffer_without_page_faults(worker):
     """65,536 faults for every fresh 256 MiB mapping; after the first, none once memory is kept."""
-    applied, *fresh = _run(_CYCLE.format(root=ROOT, keep=False, worker=worker))
+    applied, *fresh = _run(_CYCLE.format(keep=False, worker=worker))
     assert applied == "None" and all(int(f) > 60_000 for f in fresh)
-    applied, first, *again = _run(_CYCLE.format(root=ROOT, keep=True, worker=worker))
+    applied, first, *again = _run(_CYCLE.format(keep=True, worker=worker))
     assert applied == "True"
     assert int(first) > 60_000  # the heap grows once
     assert all(int(f) < 1_000 for f in again)  # then the same pages serve every round
 
 
 _SYNC = """
-import sys
-sys.path.insert(0, {root!r})
-from pcjax.training import host_memory
+from benchmarks import host_memory
 import jax, jax.numpy as jnp
 host_memory.synchronous_cpu_dispatch()  # before the backend starts
 x = jnp.ones((1024, 1024))
@@ -90,13 +87,11 @@ print(y.is_ready(), jax.devices()[0].platform)
 
 
 def test_synchronous_cpu_dispatch_returns_finished_results():
-    assert _run(_SYNC.format(root=ROOT)) == ["True", "cpu"]
+    assert _run(_SYNC) == ["True", "cpu"]
 
 
 _PROBE = """
-import sys
-sys.path.insert(0, {root!r})
-from pcjax.training import host_memory
+from benchmarks import host_memory
 import jax
 print(host_memory.cpu_only(), host_memory.reuse_step_memory(),
       jax.config.values["jax_cpu_enable_async_dispatch"])
@@ -109,15 +104,9 @@ print(host_memory.cpu_only(), host_memory.reuse_step_memory(),
 )
 def test_reuse_step_memory_never_applies_where_an_accelerator_may_run(platforms, want):
     """Decided from the requested platforms, before any backend starts (none is started)."""
-    assert _run(_PROBE.format(root=ROOT), JAX_PLATFORMS=platforms) == want
+    assert _run(_PROBE, JAX_PLATFORMS=platforms) == want
 
 
 def test_reuse_step_memory_applies_on_cpu():
     applied = "True" if platform.libc_ver()[0] == "glibc" else "False"
-    assert _run(_PROBE.format(root=ROOT), JAX_PLATFORMS="cpu") == ["True", applied, "False"]
-
-
-def test_trainer_leaves_host_memory_alone_by_default():
-    from pcjax.configs import schema
-
-    assert schema.default_config().train.cpu_reuse_step_memory is False
+    assert _run(_PROBE, JAX_PLATFORMS="cpu") == ["True", applied, "False"]

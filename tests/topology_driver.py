@@ -29,7 +29,6 @@ def tiny_config(num_steps: int):
     cfg.train.eval_every_steps = 10_000
     cfg.train.eval_steps = 1
     cfg.train.checkpoint_every_steps = 1
-    cfg.train.cpu_reuse_step_memory = False
     return cfg
 
 

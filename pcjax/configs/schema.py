@@ -92,10 +92,6 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.train.spike_patience = 10
     cfg.train.profile = False  # capture a profile of a few steps with CLU's Profile hook
     cfg.train.events_dir = ""  # TensorBoard events (written by TensorFlow); "": the workdir
-    # Opt-in, for CPU benchmarks through `launch.run`: steps run one at a time and reuse
-    # the last step's host memory instead of page-faulting fresh memory in (training.host_memory).
-    # Nothing is changed on GPU/TPU hosts.
-    cfg.train.cpu_reuse_step_memory = False
     cfg.lock()  # ml_collections refuses a new key; each field keeps its type (or placeholder's)
     return cfg
 

@@ -42,10 +42,8 @@ from pcjax.nn import complex_ops, filters
 Method = Literal["fft", "spatial", "matmul", "auto"]
 METHODS = ("fft", "spatial", "matmul", "auto")
 # "auto" uses the dense spatial operator up to this many input pixels per image (h * w); above
-# it the operator's cost grows as (h w)^2. benchmarks/wavelets.py (forward only, idle 2-core
-# CPU): spatial wins by 2.4-16x up to 8x8, FFTs by 1.8-2.2x from 28x28, 14x14-16x16 is close.
-# With the backward pass the 16x16 blocks favour FFTs: benchmarks/train_step.py measured the
-# CIFAR variant-B train step at 12.5 img/s with this threshold and 7.4 img/s with 16 * 16.
+# it the operator's cost grows as (h w)^2. Chosen by measurement on CPU, with the backward pass
+# (docs/benchmarks/wavelets.md, forward only; docs/benchmarks/README.md, "Tried and not kept").
 SPATIAL_MAX_PIXELS = 8 * 8
 
 

@@ -10,7 +10,6 @@ import ml_collections
 from absl import logging
 
 from pcjax.configs import schema
-from pcjax.training import host_memory
 from pcjax.training.loop import train_and_evaluate
 
 
@@ -49,16 +48,12 @@ def run(
     """Entry point shared by the experiment mains: optional multi-process set-up, then training.
 
     With `distributed` (or an explicit coordinator), `jax.distributed.initialize` joins the
-    other processes; every process then runs this same function. With
-    `config.train.cpu_reuse_step_memory` (off by default) CPU runs reuse step memory
-    (see `pcjax.training.host_memory`).
+    other processes; every process then runs this same function.
     """
     # Orbax logs every save step by step at INFO; keep its warnings, drop the chatter.
     logging.get_absl_handler().addFilter(_QuietOrbax())
     if distributed or coordinator_address is not None:
         initialize_distributed(coordinator_address, num_processes, process_id)
-    if config.train.cpu_reuse_step_memory and host_memory.reuse_step_memory():
-        logging.info("CPU steps run synchronously and reuse freed host memory.")
     logging.info(
         "process %d/%d, %d local / %d global devices (%s)",
         jax.process_index(),

@@ -1,21 +1,19 @@
-"""CPU runs: let each train step reuse the last step's host memory instead of fresh pages.
+"""CPU benchmarks: let each step reuse the last step's host memory instead of fresh pages.
 
-XLA:CPU allocates a step's temporaries on every call (2.5 GB for the CIFAR variant-B train step)
-and frees them when the step ends. glibc serves allocations this large with a fresh `mmap` and
-returns them with `munmap`, so every step page-faults its whole working set in again and the
-kernel zeroes it: about 3 s of kernel CPU per CIFAR variant-B train step, 7 s for ImageNet
-(docs/benchmarks/README.md, "Host memory"). Two settings together remove that cost:
+XLA:CPU allocates a step's temporaries on every call and frees them when the step ends. glibc
+serves allocations this large with a fresh `mmap` and returns them with `munmap`, so every step
+page-faults its whole working set in again and the kernel zeroes it (figures in
+docs/benchmarks/README.md, "Host memory"). Two settings together remove that cost:
 
 - glibc serves large allocations from its heap, from every thread, and never gives freed
-  memory back (`keep_freed_memory`), so a freed buffer stays mapped for the next allocation;
+  memory back (`keep_freed_memory`; the same as GLIBC_TUNABLES=glibc.malloc.mmap_max=0:
+  glibc.malloc.trim_threshold=<SIZE_MAX>:glibc.malloc.arena_max=1 at process start);
 - the CPU backend runs each computation before the call returns (`synchronous_cpu_dispatch`),
   so a step's temporaries are freed before the next step allocates its own. With asynchronous
   dispatch the next steps allocate while the current one runs, and the heap grows instead.
 
-`reuse_step_memory` applies both where JAX runs on the CPU alone; `launch.run` calls it
-only when `config.train.cpu_reuse_step_memory` is set (off by default), the benchmarks always.
-Neither changes a computed number. On GPU/TPU the device allocator already reuses memory, and
-nothing here applies.
+`reuse_step_memory` applies both where JAX runs on the CPU alone. Neither changes a computed
+number; the trainer sets neither. On GPU/TPU the device allocator already reuses memory.
 """
 
 from __future__ import annotations
@@ -46,7 +44,7 @@ def synchronous_cpu_dispatch() -> None:
     """Makes the CPU backend finish each computation before the call returns.
 
     JAX reads this setting when it creates its backends (at the first computation or device
-    query): call it before those, as `pcjax.training.launch.run` does; afterwards it has no effect.
+    query): call it before those; afterwards it has no effect.
     Computations on GPU/TPU are not affected.
     """
     jax.config.update("jax_cpu_enable_async_dispatch", False)
