@@ -6,7 +6,7 @@
 
 import os
 
-from pcjax.training import cli
+from pcjax import cli
 
 if __name__ == "__main__":
     cli.main(

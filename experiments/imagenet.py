@@ -8,7 +8,7 @@ ImageNet must be prepared for TFDS beforehand (manual download). See the config 
 
 import os
 
-from pcjax.training import cli
+from pcjax import cli
 
 if __name__ == "__main__":
     cli.main(

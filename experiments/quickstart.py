@@ -7,7 +7,7 @@ Rerunning the same command resumes from the last checkpoint in the workdir.
 
 import os
 
-from pcjax.training import cli
+from pcjax import cli
 
 if __name__ == "__main__":
     cli.main(os.path.join(os.path.dirname(__file__), "..", "pcjax", "configs", "digits.py"))

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from pcjax.configs import schema
-from pcjax.data import datasets, input_pipeline
+from pcjax.data import datasets, input_pipeline, sampler
 from pcjax.training import checkpoint, loop, sharding, train
 from pcjax.training import workdir as workdir_lib
 
@@ -59,7 +59,7 @@ def eval_batches(config: Any, images: np.ndarray, labels: np.ndarray) -> Iterato
         config.data.name,
         global_batch_size=config.data.eval_global_batch_size or config.data.global_batch_size,
         image_size=config.data.image_size,
-        source=input_pipeline.ArraySource(images, labels),
+        source=sampler.ArraySource(images, labels),
     )
     return ds.as_numpy_iterator()
 
@@ -73,7 +73,7 @@ def _train_batches(config: Any, fit: tuple, start_step: int, mesh: Any) -> Itera
         seed=config.seed,
         image_size=config.data.image_size,
         start_step=start_step,
-        source=input_pipeline.ArraySource(*fit),
+        source=sampler.ArraySource(*fit),
     )
     for batch in ds.as_numpy_iterator():
         yield sharding.shard_batch(batch, mesh)

@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 
 from pcjax import analysis
 from pcjax.configs import digits as digits_config
 from pcjax.configs import schema
 from pcjax.nn import models
+from pcjax.training import checkpoint
 
 NUM_CLASSES = 4
 IMAGE_SHAPE = (8, 8, 1)
@@ -510,7 +510,7 @@ class _State:
 def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
     model, variables, _, _ = tiny_net
     tx = optax.sgd(0.1, momentum=0.9)
-    mngr = ocp.CheckpointManager(tmp_path / "checkpoints")
+    mngr = checkpoint.create_manager(tmp_path, every_steps=1, max_to_keep=3)  # the trainer's
     saved = {}
     for step, delta in ((1, 0.5), (2, 1.0)):
         params = jax.tree.map(lambda a, d=delta: a + d, variables["params"])
@@ -519,7 +519,7 @@ def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
             step=jnp.asarray(step), params=params, batch_stats=stats, opt_state=tx.init(params)
         )
         state = _State(**fields) if as_dataclass else fields
-        mngr.save(step, args=ocp.args.StandardSave(state))
+        assert checkpoint.save(mngr, step, state, loop={"epoch": 0})
         saved[step] = {"params": params, "batch_stats": stats}
     mngr.wait_until_finished()
     mngr.close()
@@ -538,30 +538,3 @@ def test_load_variables_from_workdir(tiny_net, tmp_path, as_dataclass):
         analysis.load_variables_from_workdir(tmp_path, other, IMAGE_SHAPE)
     with pytest.raises(FileNotFoundError):
         analysis.load_variables_from_workdir(tmp_path / "nowhere", model, IMAGE_SHAPE)
-
-
-def _pcjax_imports(path):
-    """The pcjax modules a source file imports (absolute imports only, as the package uses)."""
-    import ast
-
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names |= {f"{node.module}.{a.name}" for a in node.names}
-    return {n for n in names if n.startswith("pcjax.")}
-
-
-def test_import_direction():
-    """analysis uses nn and the checkpoint reader only; nn, training and data never use it."""
-    import pathlib
-
-    package = pathlib.Path(analysis.__file__).parent
-    allowed = ("pcjax.analysis.", "pcjax.nn.", "pcjax.training.checkpoint")
-    for path in package.glob("*.py"):
-        for name in _pcjax_imports(path):
-            assert name.startswith(allowed), f"{path.name} imports {name}"
-    for sub in ("nn", "training", "data"):
-        for path in (package.parent / sub).rglob("*.py"):
-            assert not any("analysis" in n for n in _pcjax_imports(path)), path

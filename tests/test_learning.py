@@ -9,10 +9,8 @@ import functools
 
 import jax
 import numpy as np
-import pytest
 
 from pcjax.configs import digits as digits_config
-from pcjax.configs import schema
 from pcjax.data import digits
 from pcjax.training import loop, sharding, train
 
@@ -29,36 +27,22 @@ def _config():
 
 @functools.lru_cache(maxsize=1)
 def _fit_fixed_batch():
-    """STEPS shipped train steps on one fixed batch of real digits; (first, last metrics, state)."""
+    """STEPS train steps on one fixed batch of real digits, through the trainer's own step builder
+    (`train.build_steps`: optimizer, schedule, shardings, donation); (metrics per step, eval
+    metrics on that batch, initial and final batch statistics)."""
     cfg = _config()
     images, labels = digits.load_split("digits", "train")
     batch = {"image": images[:BATCH], "label": labels[:BATCH]}
     mesh = sharding.make_mesh()
-    model = schema.build_model(cfg)
-    steps_per_epoch = 20
-    tx = train.create_optimizer(cfg, steps_per_epoch)
-    rep = sharding.replicated(mesh)
-    state = jax.jit(
-        functools.partial(train.create_train_state, model, tx, image_shape=images.shape[1:]),
-        out_shardings=rep,
-    )(jax.random.key(cfg.seed))
+    steps = train.build_steps(cfg, mesh, steps_per_epoch=20, image_shape=images.shape[1:])
+    state = steps.init(jax.random.key(cfg.seed))
     init_stats = jax.device_get(state.batch_stats)
-    step = jax.jit(
-        functools.partial(
-            train.train_step,
-            learning_rate_fn=train.learning_rate_schedule(cfg, steps_per_epoch),
-        ),
-        in_shardings=(rep, sharding.batch_sharded(mesh)),
-        out_shardings=(rep, rep),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(train.eval_step, in_shardings=(rep, sharding.batch_sharded(mesh)))
     sharded = sharding.shard_batch(batch, mesh)
     history = []
     for _ in range(STEPS):
-        state, metrics = step(state, sharded)
+        state, metrics = steps.train_step(state, sharded)
         history.append(jax.device_get(metrics))
-    evaluated = jax.device_get(eval_step(state, sharded))
+    evaluated = jax.device_get(steps.eval_step(state, sharded))
     return history, evaluated, init_stats, jax.device_get(state.batch_stats)
 
 
@@ -88,7 +72,6 @@ def test_running_statistics_learn_so_evaluation_matches_training():
     assert top1 >= 0.8, (top1, history[-1])
 
 
-@pytest.mark.slow
 def test_a_short_digits_run_reaches_a_stated_accuracy(tmp_path):
     """train_and_evaluate end to end, 3 epochs of the quick start at reduced width: >= 90% test
     top-1; chance is 10%. A sign flip gives 10%, frozen batch statistics about 40%."""

@@ -449,7 +449,7 @@ def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
     thing, before any module that imports TensorFlow (TFDS, CLU) is loaded."""
     code = (
         "import sys\n"
-        "from pcjax.training import cli\n"
+        "from pcjax import cli\n"
         "assert 'tensorflow' not in sys.modules\n"
         "from pcjax.data import preprocessing\n"
         "preprocessing.hide_accelerators_from_tf()\n"
