@@ -367,6 +367,7 @@ def test_layerwise_separation_matches_oracles(tiny_net):
         analysis.layerwise_separation(model, variables, iter(train), NUM_CLASSES)
 
 
+@pytest.mark.slow
 def test_layerwise_neural_collapse_and_no_recompile(tiny_net):
     """NC measures per layer equal the library's finalize on the same sums; a second call on
     the same network and batch shape reuses the compiled step (no new trace)."""

@@ -199,6 +199,7 @@ def test_reference_flags_are_checked_before_anything_is_timed(tmp_path):
         bench.check_reference(str(tmp_path), missing)
 
 
+@pytest.mark.slow
 def test_block_benchmark_times_every_block_and_sums_them():
     rows = blocks.measure_blocks("digits", batch=2, min_runs=1)
     assert [r["block"] for r in rows] == [0, 1, 2]

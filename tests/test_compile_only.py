@@ -197,6 +197,7 @@ def test_cli_unknown_target_is_one_line():
     assert "v9z-8" in last and "v5e-{1,4,8" in last and "tensorflow" not in out.stderr.lower()
 
 
+@pytest.mark.slow
 def test_cli_prints_the_table_without_a_workdir():
     _tpu_devices("v5e-4")
     out = _cli(

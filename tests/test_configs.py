@@ -186,6 +186,7 @@ def test_config_is_locked_and_typed():
         schema.validate(cfg)
 
 
+@pytest.mark.slow
 def test_override_num_angles_on_cifar_preset_builds_and_runs():
     cfg = cifar10.get_config("mod/rho_psi")
     cfg.model.num_angles = 8
@@ -206,6 +207,7 @@ def test_override_num_angles_on_cifar_preset_builds_and_runs():
     assert logits.shape == (2, 10) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+@pytest.mark.slow
 def test_every_field_reaches_the_network():
     cfg = cifar10.get_config("cst/linear_plus_rho")
     cfg.model.update(

@@ -105,6 +105,7 @@ def test_cifar_block_matches_reference(ref, variant, rho):
     _assert_close(got, _nhwc(ref[key + "/y"]), rho)
 
 
+@pytest.mark.slow
 def test_imagenet_standard_and_odd_blocks_match_reference(ref):
     net = models.PhaseCollapseNet(
         widths=(4, 4, 4),
@@ -134,6 +135,7 @@ def _sgd_params(torch_params):
     return params
 
 
+@pytest.mark.slow
 def test_one_sgd_step_of_cifar_variant_b_matches_reference(ref):
     """Loss, logits and every parameter after one step of pcjax's own optimizer and train step
     (lr 0.01, momentum 0.9, coupled weight decay 1e-4: the default recipe, as torch.optim.SGD)

@@ -3,11 +3,12 @@
 Compiles (never runs) one block's forward and backward pass for a compile-only TPU v5e chip,
 through libtpu's topology description, and bounds XLA's own count of the bytes the program
 accesses. A layout change that adds round trips of the block's largest arrays through HBM
-fails here. Skipped where libtpu cannot describe a TPU topology.
+fails here. Without libtpu it fails with the install line.
 """
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 from pcjax.accelerators import targets
 from pcjax.nn import layers
@@ -51,6 +52,7 @@ def block_bytes_per_image(device, block: layers.PhaseCollapseBlock, shape, batch
     return cost["bytes accessed"] / batch
 
 
+@pytest.mark.slow
 def test_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
     device = _tpu_device()

@@ -120,6 +120,7 @@ def test_per_block_shapes(family, table, block_type):
 NARROW = (4, 6, 6, 8)  # widths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho", models.TABLE2_NONLINEARITIES)
 @pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
 def test_gradients_finite_including_zero_images(rho, block_type):
@@ -147,6 +148,7 @@ def test_gradients_finite_including_zero_images(rho, block_type):
     assert float(jnp.abs(g_x).sum()) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rho", models.RESNET_NONLINEARITIES)
 def test_resnet_gradients_finite(rho):
     model, _ = _build(f"imagenet:resnet18/{rho}", widths=(4, 8, 8, 8))
@@ -167,6 +169,7 @@ def test_resnet_gradients_finite(rho):
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("block_type", ["rho_psi", "linear_plus_rho"])
 def test_remat_changes_neither_values_nor_gradients_nor_names(block_type):
     """`remat=True` recomputes blocks in the backward pass; the maths and the tree stay put."""

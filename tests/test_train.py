@@ -85,6 +85,7 @@ def test_eight_device_step_equals_one_device_step():
     chex.assert_trees_all_close(results[0], results[1], rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 def test_step_compiles_once():
     mesh = sharding.make_mesh()
     cfg = _tiny_config()
@@ -122,6 +123,7 @@ def test_learning_rate_schedule_and_sgd_semantics():
     np.testing.assert_allclose(u2, -0.5 * (0.9 * d1 + g + 0.1 * p2), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_exact_eval_on_non_multiple_set():
     """450 test digits with a batch of 64: masked padding, exact top-1/top-5."""
     mesh = sharding.make_mesh()
@@ -153,6 +155,7 @@ def _assert_bitwise_equal(a, b) -> None:
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_two_plus_two_steps_equal_four(tmp_path):
     straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
     loop.train_and_evaluate(_tiny_config(num_steps=4), straight)
@@ -281,6 +284,7 @@ def _hand_built_run(tmp_path, cfg, num_steps):
     )
 
 
+@pytest.mark.slow
 def test_loop_evaluates_and_saves_only_finite_states(tmp_path):
     cfg = _tiny_config(num_steps=3, checkpoint_every_steps=1)
     run = _hand_built_run(tmp_path / "good", cfg, 3)
@@ -444,6 +448,7 @@ def test_sigterm_then_sigkill_then_resume_exactly(tmp_path):
     _assert_bitwise_equal(a, b)  # same machine and device count as the straight run
 
 
+@pytest.mark.slow
 def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
     """Importing a main's CLI module starts no TensorFlow; `cli.main` hides accelerators first
     thing, before any module that imports TensorFlow (TFDS, CLU) is loaded."""
@@ -467,6 +472,7 @@ def test_partial_coordinator_flags_are_refused():
         launch.initialize_distributed("127.0.0.1:1234", None, 0)
 
 
+@pytest.mark.slow
 def test_help_lists_flags_presets_and_overrides():
     out = _run_cli("experiments/cifar10.py", ["--help"])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -482,6 +488,7 @@ def test_help_lists_flags_presets_and_overrides():
         assert text in out.stdout, (text, out.stdout[-3000:])
 
 
+@pytest.mark.slow
 def test_train_and_evaluate_closes_its_input(tmp_path, monkeypatch):
     """Training, and the rerun of the finished run (which takes no step), both let go of the
     host pipeline and the batches queued on the devices when they return."""
