@@ -35,7 +35,8 @@ test: $(STAMP)
 test-heavy: $(STAMP)
 	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 
-# Everything but the end-to-end runs (`@pytest.mark.slow`): the lane to run while editing.
+# The lane to run while editing: tiny networks only, no test marked `slow` (end-to-end and
+# multi-process runs, TPU compiles, whole-network compiles).
 test-fast: $(STAMP)
 	$(PY) -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS)
 
