@@ -16,7 +16,7 @@ docs/separation/README.md.
 
 import ml_collections
 
-from pcjax.configs import schema
+from pcjax.configs import digits, schema
 
 # Four factorised blocks on 32x32 canvases (32 -> 32 -> 16 -> 16 -> 8), L = 8; narrow enough
 # for 5 runs on 2 CPU cores.
@@ -30,20 +30,9 @@ def get_config(preset: str = "default") -> ml_collections.ConfigDict:
     `model.name` is "digits_canvas/mod/rho_psi"; experiments/separation.py replaces the
     non-linearity (and block type) before training each network.
     """
-    cfg = schema.default_config()
-    cfg.model.update(
-        name="digits_canvas/mod/rho_psi",
-        arch="phase_collapse",
-        widths=WIDTHS,
-        nonlinearity="mod",
-        block_type="rho_psi",
-        num_angles=8,
-        full_angles=False,
-        num_standard_blocks=0,
-    )
+    cfg = digits.get_config()  # the quick start's network, four blocks wide for the canvases
+    cfg.model.update(name="digits_canvas/mod/rho_psi", widths=WIDTHS)
     cfg.data.name = "digits_canvas"
-    cfg.data.global_batch_size = 64
-    cfg.data.eval_global_batch_size = 128
     # The reference's CIFAR-10 value (the separation study chooses its own on validation data).
     cfg.optim.learning_rate = 0.01
     cfg.optim.num_epochs = 5
