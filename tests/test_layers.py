@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from support import float64_oracle as oracle
+from support import variables as support_variables
 
 from pcjax.configs import cifar10, schema
 from pcjax.nn import complex_ops, layers, nonlinear, wavelets
@@ -267,7 +268,7 @@ def test_cifar_variant_b_float32_error_chained_through_every_block(monkeypatch):
     model = schema.build_model(cifar10.get_config("mod/linear_plus_rho"))  # precision "highest"
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((4, 32, 32, 3)) * 1.2 + 0.3).astype(np.float32)
-    variables = model.init(jax.random.key(0), jnp.asarray(x))
+    variables = support_variables.init(model, jnp.asarray(x))
     want = oracle.net_blocks(model, variables, x)
 
     chained, one_block = _chained_errors(model, variables, x, want)

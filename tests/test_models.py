@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from support import variables as support_variables
 
 from pcjax.configs import cifar10, digits, digits_canvas, imagenet, schema
 from pcjax.data import datasets
@@ -130,7 +131,7 @@ def test_gradients_finite_including_zero_images(rho, block_type):
     x = rng.standard_normal((4, 16, 16, 3)).astype(np.float32)
     x[1] = 0  # an all-zero image: zero wavelet coefficients enter every modulus
     labels = jnp.arange(4) % 10
-    variables = model.init(jax.random.key(0), x, train=True)
+    variables = support_variables.init(model, x, train=True)
 
     def loss(params, x):
         logits, _ = model.apply(
@@ -154,7 +155,7 @@ def test_resnet_gradients_finite(rho):
     model, _ = _build(f"imagenet:resnet18/{rho}", widths=(4, 8, 8, 8))
     model = model.clone(num_classes=5)
     x = np.random.default_rng(1).standard_normal((2, 32, 32, 3)).astype(np.float32)
-    variables = model.init(jax.random.key(0), x, train=True)
+    variables = support_variables.init(model, x, train=True)
     assert set(variables["params"]) == {"conv1", "fc"} | {
         f"layer{s}_{i}" for s in range(1, 5) for i in range(2)
     }
@@ -176,8 +177,8 @@ def test_remat_changes_neither_values_nor_gradients_nor_names(block_type):
     plain, _ = _build(f"cifar10:cst/{block_type}", widths=NARROW)
     remat, _ = _build(f"cifar10:cst/{block_type}", widths=NARROW, remat=True)
     x = np.random.default_rng(1).standard_normal((4, 16, 16, 3)).astype(np.float32)
-    variables = plain.init(jax.random.key(0), x, train=True)
-    assert jax.tree.structure(remat.init(jax.random.key(0), x, train=True)) == jax.tree.structure(
+    variables = support_variables.init(plain, x, train=True)
+    assert jax.tree.structure(support_variables.init(remat, x, train=True)) == jax.tree.structure(
         variables
     )
 

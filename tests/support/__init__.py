@@ -1,1 +1,1 @@
-"""Test support: the float64 NumPy oracle and synthetic TFDS datasets."""
+"""Test support: the float64 NumPy oracle, synthetic TFDS datasets, compiled init."""
