@@ -21,6 +21,9 @@ from pcjax.training import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "topology_driver.py")
 K = 2  # steps before the topology changes
+# The three tests share one module fixture (three launches); under pytest-xdist they must run on
+# one worker, or each worker would launch them again.
+pytestmark = pytest.mark.xdist_group("topology")
 
 
 def _free_port() -> int:
