@@ -1,7 +1,10 @@
 """Test set-up: eight fake CPU devices so sharding code runs for real on one host."""
 
+import atexit
 import os
 import re
+import shutil
+import tempfile
 
 # Must happen before the first `import jax` anywhere in the test session. A user's own XLA_FLAGS
 # are kept, except a device count of their own: the tests are written for eight devices.
@@ -9,6 +12,15 @@ _flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.ge
 os.environ["XLA_FLAGS"] = f"{_flags.strip()} --xla_force_host_platform_device_count=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+# One compilation cache for the session, shared by the xdist workers and the subprocesses the
+# tests launch (they inherit the environment): the same small programs are compiled by many
+# tests and by every process of a multi-process or resumed run. A fresh directory per session,
+# so nothing carries over between runs; a user's own cache directory is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pcjax-test-compile-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -183,8 +183,8 @@ def test_local_devices_compile_and_run_the_step():
     assert "measured: time per step" in result.table()
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+def _cli(*args: str, **env_vars: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", **env_vars)
     return subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900
     )
@@ -198,17 +198,24 @@ def test_cli_unknown_target_is_one_line():
 
 
 @pytest.mark.slow
-def test_cli_prints_the_table_without_a_workdir():
+def test_cli_prints_the_table_without_a_workdir(tmp_path):
+    """Also: a compile-only executable never enters JAX's persistent compilation cache, which
+    could not load it back."""
     _tpu_devices("v5e-4")
+    cache = tmp_path / "jax-cache"
     out = _cli(
         "experiments/quickstart.py",
         "--config=pcjax/configs/digits.py:smoke",
         "--config.model.widths=(4,)",
         "--config.data.image_size=8",
         "--compile_for=v5e-4",
+        JAX_COMPILATION_CACHE_DIR=str(cache),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| HBM per chip: arguments |" in out.stdout and "v5e-4" in out.stdout
+    written = [p.name for p in cache.iterdir()] if cache.exists() else []
+    assert not [n for n in written if n.startswith(("jit_train_step", "jit_eval_step"))], written
 
 
 @pytest.mark.slow

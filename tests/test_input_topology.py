@@ -21,9 +21,6 @@ from pcjax.training import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(ROOT, "tests", "topology_driver.py")
 K = 2  # steps before the topology changes
-# The three tests share one module fixture (three launches); under pytest-xdist they must run on
-# one worker, or each worker would launch them again.
-pytestmark = pytest.mark.xdist_group("topology")
 
 
 def _free_port() -> int:
@@ -69,9 +66,7 @@ def _params(workdir, step: int):
     return jax.device_get(state["params"])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("topology")
+def _launch_all(root):
     one, two, switched = root / "1x8", root / "2x4", root / "1x8_then_2x4"
     _launch(str(one), 1, num_steps=2 * K, dump_batches=3)
     _launch(str(two), 2, num_steps=K, dump_batches=3)
@@ -81,32 +76,29 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_two_processes_see_the_same_global_batches(runs):
-    one, two, _ = runs
+def test_two_processes_agree_with_one_and_a_run_resumes_on_the_other(tmp_path):
+    """One test over the three launches: (a) the same global batches, (b) the same parameters
+    after K steps, (c) a resume on the other topology continues the stream."""
+    one, two, switched = _launch_all(tmp_path)
+
+    # (a) bitwise: images and labels, in order.
     a, b = np.load(one / "batches.npz"), np.load(two / "batches.npz")
     assert sorted(a.files) == sorted(b.files) and len(a.files) == 6
     for key in a.files:
         assert a[key].shape[0] == 32
-        np.testing.assert_array_equal(a[key], b[key])  # bitwise: images and labels, in order
+        np.testing.assert_array_equal(a[key], b[key])
     assert not np.array_equal(a["image_0"], a["image_1"])
 
-
-@pytest.mark.slow
-def test_two_processes_train_to_the_same_parameters(runs):
-    one, two, _ = runs
-    want, got = _params(one, K), _params(two, K)
-    # 1 x 8 against 2 x 4 devices: the gradient all-reduce and the batch statistics sum in
+    # (b) 1 x 8 against 2 x 4 devices: the gradient all-reduce and the batch statistics sum in
     # another order across processes, so the parameters agree to float32 rounding, not bitwise.
+    want, got = _params(one, K), _params(two, K)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), want, got)
     initial_change = jax.tree.leaves(
         jax.tree.map(lambda x, y: np.abs(x - y).max(), want, _params(one, 2 * K))
     )
     assert max(initial_change) > 1e-3  # the steps moved the parameters
 
-
-@pytest.mark.slow
-def test_resume_on_another_topology_continues_the_stream(runs):
-    one, _, switched = runs
+    # (c) checkpointed at K on 1 x 8, resumed on 2 x 4: the parameters of the straight run.
     jax.tree.map(
         lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
         _params(one, 2 * K),

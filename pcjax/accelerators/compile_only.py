@@ -12,6 +12,7 @@ and the measured time is reported beside the estimate. Needs no dataset and no w
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import time
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax._src import config as jax_config  # the compilation cache's write threshold, scoped
 
 from pcjax.accelerators import costs, targets
 from pcjax.configs import schema
@@ -186,7 +188,11 @@ def compile_step(
     if known is not None:
         return known, None, steps
     try:
-        compiled = lowered.compile()
+        # A compile-only executable cannot be loaded back from JAX's persistent compilation
+        # cache (there is no device client to load it into): never write one to a user's cache.
+        never = jax_config.persistent_cache_min_compile_time_secs(float("inf"))
+        with contextlib.nullcontext() if setup.real else never:
+            compiled = lowered.compile()
     except Exception as error:  # XlaRuntimeError; its type moves between jaxlib releases
         if not costs.is_oom(error):
             raise
