@@ -17,6 +17,9 @@ def test_every_preset_validates(module):
             cfg = module.get_config(preset + suffix)
             schema.validate(cfg, device_count=8)
             assert cfg.model.name.endswith(preset)  # the preset label
+        # ",smoke": tiny widths for every preset, the ResNet-18 baseline's included.
+        smoke = module.get_config(preset + ",smoke").model.widths
+        assert max(smoke) <= 8, (preset, smoke)
 
 
 def test_reference_recipes():
