@@ -146,7 +146,7 @@ def test_one_sgd_step_of_cifar_variant_b_matches_reference(ref):
     )
     x = jnp.asarray(_nhwc(golden.golden_input("sgd", (4, 3, 32, 32))))
     labels = jnp.asarray(ref["sgd/labels"])
-    stats = support_variables.init(net, x, train=True)["batch_stats"]
+    stats = support_variables.init(net, x, train=True, impl="rbg")["batch_stats"]
     params = _sgd_params(_params_of(ref, "sgd/"))
     cfg = schema.default_config()
     assert (cfg.optim.learning_rate, cfg.optim.momentum, cfg.optim.weight_decay) == (
@@ -226,7 +226,7 @@ def test_resnet18_forward_matches_reference(ref, act):
     net = models.ResNet18(num_classes=1000, nonlinearity=act)
     x = jnp.asarray(_nhwc(golden.golden_input(f"resnet/{act}", (4, 3, 64, 64))))
     params = _resnet_params(net, x)
-    stats = support_variables.init(net, x, train=True)["batch_stats"]
+    stats = support_variables.init(net, x, train=True, impl="rbg")["batch_stats"]
     v = {"params": params, "batch_stats": stats}
     eval_logits = net.apply(v, x, train=False)
     want = ref[f"resnet/{act}/eval_logits"]
