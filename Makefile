@@ -29,7 +29,7 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not heavy" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --maxschedchunk=1 -m "not heavy" $(PYTEST_ARGS)
 
 # The out-of-memory search compiled for a real v5e: tens of minutes on 2 cores.
 test-heavy: $(STAMP)
@@ -38,7 +38,7 @@ test-heavy: $(STAMP)
 # The lane to run while editing: tiny networks only, no test marked `slow` (end-to-end and
 # multi-process runs, TPU compiles, whole-network compiles).
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow and not heavy" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --maxschedchunk=1 -m "not slow and not heavy" $(PYTEST_ARGS)
 
 quickstart: $(STAMP)
 	$(PY) experiments/quickstart.py --workdir=$(WORKDIR)

@@ -24,7 +24,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Slow tests first (a stable sort): under pytest-xdist the two workers then start on the
-    long runs together and finish on short tests, instead of one long test running alone at
-    the end."""
+    """Slow tests first (a stable sort). With `make test`'s `--maxschedchunk=1` a worker takes
+    the next test only when it is nearly done, so the long runs start early on both workers
+    and short tests fill in at the end (a pre-filled queue left one worker alone for minutes)."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
