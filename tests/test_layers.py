@@ -71,12 +71,14 @@ def _np_std(z):
 @pytest.mark.parametrize("block_type", layers.BLOCK_TYPES)
 @pytest.mark.parametrize("rho", ["mod", "cst"])
 @pytest.mark.parametrize("complex_input", [False, True])
-def test_block_equals_composition(block_type, rho, complex_input):
+@pytest.mark.parametrize("method", ["auto", "matmul"])
+def test_block_equals_composition(block_type, rho, complex_input, method):
     """The block is N(Pc(Std(R(W U)))) with R's channel order of docs/spec.md 7.4.
 
     Every stored array (projection rows, rho's thresholds, running statistics) is filled with
     distinct random values and indexed in that order, in train and in eval mode: a block that
-    computes in another channel order must permute them exactly.
+    computes in another channel order must permute them exactly. "matmul" runs the block
+    channel-major (the TPU layout), "auto" channels-last.
     """
     rng = np.random.default_rng(2)
     c, L, feat = 2, 4, 5
@@ -87,6 +89,7 @@ def test_block_equals_composition(block_type, rho, complex_input):
         filter_mode="factorized_odd",
         block_type=block_type,
         nonlinearity=rho,
+        wavelet_method=method,
     )
     v = block.init(jax.random.key(1), x, train=True)
     n_rho = c * L if block_type == "rho_psi" else c * (L + 1)
@@ -184,10 +187,10 @@ def test_classifier_interleaves_and_flattens_channel_major():
     assert np.abs(np.asarray(v["params"]["linear"]["kernel"])).max() <= bound
 
 
-def _block_error(block_type, rho, precision, x, features=16, seed=0):
+def _block_error(block_type, rho, precision, x, features=16, seed=0, method="auto"):
     """Relative error of one block's output against the float64 oracle (train mode)."""
     block = layers.PhaseCollapseBlock(
-        features, 4, "factorized_odd", block_type, rho, precision=precision
+        features, 4, "factorized_odd", block_type, rho, precision=precision, wavelet_method=method
     )
     v = block.init(jax.random.key(seed), jnp.asarray(x), train=True)
     got, _ = block.apply(v, jnp.asarray(x), train=True, mutable=["batch_stats"])
@@ -207,6 +210,16 @@ def test_block_accuracy_against_float64(block_type, rho):
     loose = 2.0 if rho == "ms" else 1.0
     assert _block_error(block_type, rho, "highest", x) < 1e-6 * loose
     assert _block_error(block_type, rho, "bf16", x) < 2e-2 * loose
+
+
+@pytest.mark.parametrize("block_type", layers.BLOCK_TYPES)
+@pytest.mark.parametrize("rho", ["mod", "ms"])
+def test_channel_major_block_accuracy_against_float64(block_type, rho):
+    """The channel-major block of the matmul path (TPUs), same inputs and bound as above."""
+    rng = np.random.default_rng(5)
+    x = (_rand(rng, (4, 8, 8, 8)) + (2 + 1j)).astype(np.complex64)
+    loose = 2.0 if rho == "ms" else 1.0
+    assert _block_error(block_type, rho, "highest", x, method="matmul") < 1e-6 * loose
 
 
 def test_unknown_precision_is_rejected_before_tracing():
@@ -279,3 +292,44 @@ def test_cifar_variant_b_float32_error_chained_through_every_block(monkeypatch):
     monkeypatch.setattr(complex_ops, "matmul", _correctly_rounded_matmul)
     chained, _ = _chained_errors(model, variables, x, want)
     assert max(chained) <= 3.1e-6, chained
+
+
+@pytest.mark.parametrize("complex_", [True, False])
+def test_batch_standardize_channel_major_equals_channels_last(complex_):
+    """channel_axis=1 standardises, updates and reads running statistics as channels-last."""
+    rng = np.random.default_rng(6)
+    x = jnp.asarray(_rand(rng, (4, 3, 5, 6), complex_) * 2 + 1.5)
+    last, first = layers.BatchStandardize(), layers.BatchStandardize(channel_axis=1)
+    v = last.init(jax.random.key(0), x, use_running_average=False)
+    y, upd = last.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    y_cm, upd_cm = first.apply(
+        v, jnp.moveaxis(x, -1, 1), use_running_average=False, mutable=["batch_stats"]
+    )
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y_cm), 1, -1), y, rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_cm), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    y_eval = last.apply(upd, x, use_running_average=True)
+    y_eval_cm = first.apply(upd, jnp.moveaxis(x, -1, 1), use_running_average=True)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(y_eval_cm), 1, -1), y_eval, rtol=1e-6)
+
+
+def test_projection_channel_major_equals_channels_last():
+    """project_segments with channel_axis=1 (real and complex segments, means, scales)."""
+    rng = np.random.default_rng(7)
+    segs = [_rand(rng, (2, 3, 4, 5), True), _rand(rng, (2, 3, 4, 6), False)]
+    kernel = jnp.asarray(rng.standard_normal((11, 7, 2)).astype(np.float32))
+    means = [jnp.asarray(_rand(rng, (5,), True)), jnp.asarray(_rand(rng, (6,), False))]
+    scales = jnp.asarray(rng.uniform(0.5, 2, 11).astype(np.float32))
+    want = complex_ops.project_segments(
+        [jnp.asarray(s) for s in segs], kernel, means=means, scales=scales
+    )
+    got = complex_ops.project_segments(
+        [jnp.moveaxis(jnp.asarray(s), -1, 1) for s in segs],
+        kernel,
+        means=means,
+        scales=scales,
+        channel_axis=1,
+    )
+    np.testing.assert_allclose(np.moveaxis(np.asarray(got), 1, -1), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="channel_axis must be -1 or 1, got 2"):
+        complex_ops.project_segments([jnp.asarray(segs[0])], kernel[:5], channel_axis=2)

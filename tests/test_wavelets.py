@@ -481,3 +481,22 @@ def test_wavelet_transform_guards_input_gradient():
     # ... so the guard zeroes the whole input gradient, as the reference's hook does.
     guarded = np.asarray(jax.grad(loss)(x, True))
     np.testing.assert_array_equal(guarded, np.zeros_like(guarded))
+
+
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
+@pytest.mark.parametrize("mode", filters.FILTER_MODES)
+@pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
+def test_channel_major_transform_equals_channels_last(mode, complex_input, method):
+    """[b, c, h, w] in, phi [b, c, h', w'] and psi [b, c, L, h', w'] out: the channels-last
+    transform's numbers, with psi's channel c * L + angle at [c, angle]."""
+    x = jnp.asarray(_random_input((2, 10, 7, 3), complex_input, seed=7))
+    phi, psi = wavelets.wavelet_transform(x, 4, mode, method)
+    phi_cm, psi_cm = wavelets.wavelet_transform_channel_major(
+        jnp.moveaxis(x, -1, 1), 4, mode, method
+    )
+    assert phi_cm.dtype == phi.dtype and psi_cm.dtype == psi.dtype
+    b, ho, wo, _ = psi.shape
+    assert psi_cm.shape == (b, 3, 4, ho, wo)
+    np.testing.assert_allclose(np.moveaxis(np.asarray(phi_cm), 1, -1), phi, rtol=0, atol=1e-5)
+    want = np.moveaxis(np.asarray(psi).reshape(b, ho, wo, 3, 4), (3, 4), (1, 2))
+    np.testing.assert_allclose(np.asarray(psi_cm), want, rtol=0, atol=1e-5)

@@ -183,6 +183,7 @@ def project_segments(
     precision: str = "highest",
     means: Sequence[jax.Array] | None = None,
     scales: jax.Array | None = None,
+    channel_axis: int = -1,
 ) -> jax.Array:
     """y = [(x_1 - m_1), (x_2 - m_2), ...] diag(scales) W for real or complex segments.
 
@@ -194,20 +195,40 @@ def project_segments(
     subtraction fuses into the concatenation of the (Re, Im) planes, so it costs no extra pass.
     `scales` (real [c_in], e.g. 1/std) are folded into the small kernel, which is harmless:
     a per-row scale is one rounding wherever it is applied.
+
+    `channel_axis`=1: channel-major segments [batch, c, ...] and output [batch, c_out, ...];
+    each real plane meets its kernel rows in its own matmul (the kernel on the left, the
+    spatial axes minor), summed, so no concatenation of the planes is written.
     """
-    c_in = sum(s.shape[-1] for s in segments)
+    if channel_axis not in (-1, 1):
+        raise ValueError(f"channel_axis must be -1 or 1, got {channel_axis}.")
+    c_in = sum(s.shape[channel_axis] for s in segments)
     if kernel.ndim != 3 or kernel.shape[-1] != 2 or kernel.shape[0] != c_in:
         raise ValueError(
             f"Projection kernel must be [c_in={c_in}, c_out, 2], got {tuple(kernel.shape)}."
         )
     check_precision(precision)
-    layout = [(s.shape[-1], bool(jnp.iscomplexobj(s))) for s in segments]
+    layout = [(s.shape[channel_axis], bool(jnp.iscomplexobj(s))) for s in segments]
     if means is not None:
         segments = [
-            s - (m.astype(s.dtype) if jnp.iscomplexobj(s) else jnp.real(m))
+            s
+            - (m.astype(s.dtype) if jnp.iscomplexobj(s) else jnp.real(m)).reshape(
+                m.shape + (1,) * (s.ndim - 2 if channel_axis == 1 else 0)
+            )
             for s, m in zip(segments, means, strict=True)
         ]
     planes = _planes(segments)
+    if channel_axis == 1:
+        if scales is not None:
+            kernel = kernel * scales[:, None, None]
+        rows = pack_kernel(kernel, layout)  # [sum of plane channels, 2 c_out]
+        starts = np.cumsum([0] + [p.shape[1] for p in planes])
+        y = sum(
+            einsum("nk,bn...->bk...", rows[lo:hi], p, precision)
+            for p, lo, hi in zip(planes, starts[:-1], starts[1:], strict=True)
+        )
+        y = y.reshape(y.shape[0], kernel.shape[1], 2, *y.shape[2:])
+        return jax.lax.complex(y[:, :, 0], y[:, :, 1])
     x = jnp.concatenate(planes, axis=-1) if len(planes) > 1 else planes[0]
     if scales is not None:
         kernel = kernel * scales[:, None, None]

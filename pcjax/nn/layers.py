@@ -1,7 +1,8 @@
 """Flax modules of the phase-collapse networks: where parameters and batch statistics live.
 
 The maths is in pure functions (`wavelets`, `nonlinear`, `complex_ops`); these modules only
-declare parameters/statistics and wire the functions together. Layout is NHWC.
+declare parameters/statistics and wire the functions together. Blocks take and return NHWC;
+on the matmul wavelet path (TPUs) a block computes channel-major [batch, c, h, w] inside.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class BatchStandardize(nn.Module):
     # projection that follows centres while packing its input planes and folds 1 / std into its
     # (small) weights: one pass fewer over the largest activations of the block.
     return_statistics: bool = False
+    channel_axis: int = -1  # 1 for channel-major [batch, c, h, w] tensors
 
     @nn.compact
     def __call__(
@@ -56,7 +58,8 @@ class BatchStandardize(nn.Module):
         segments real lets the projection that follows use half the multiplications on them.
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
-        sizes = [s.shape[-1] for s in segments]
+        ax = self.channel_axis % segments[0].ndim
+        sizes = [s.shape[ax] for s in segments]
         c = sum(sizes)
         any_complex = any(jnp.iscomplexobj(s) for s in segments)
         if self.affine and any_complex:
@@ -76,20 +79,21 @@ class BatchStandardize(nn.Module):
                 means.append(m)
                 variances.append(ra_var.value[lo:hi])
         else:
-            axes = tuple(range(segments[0].ndim - 1))
+            axes = tuple(a for a in range(segments[0].ndim) if a != ax)
             for seg in segments:
                 # Complex statistics from real reductions over the Re and Im planes: XLA reduces
                 # float32 much faster than complex64 on CPU. Two passes (mean, then centred
                 # squares) for float32 accuracy.
                 if jnp.iscomplexobj(seg):
                     re, im = seg.real, seg.imag
-                    mr, mi = jnp.mean(re, axis=axes), jnp.mean(im, axis=axes)
+                    mr = jnp.mean(re, axis=axes, keepdims=True)
+                    mi = jnp.mean(im, axis=axes, keepdims=True)
                     var = jnp.mean(jnp.square(re - mr) + jnp.square(im - mi), axis=axes)
-                    means.append(jax.lax.complex(mr, mi))
+                    means.append(jax.lax.complex(mr, mi).reshape(-1))
                 else:
-                    m = jnp.mean(seg, axis=axes)
+                    m = jnp.mean(seg, axis=axes, keepdims=True)
                     var = jnp.mean(jnp.square(seg - m), axis=axes)
-                    means.append(m)
+                    means.append(m.reshape(-1))
                 variances.append(var)
             if not self.is_initializing():
                 n = int(np.prod([segments[0].shape[a] for a in axes]))
@@ -108,12 +112,19 @@ class BatchStandardize(nn.Module):
             if self.affine:
                 raise ValueError("return_statistics is for non-affine standardisation.")
             return list(zip(means, inv_stds, strict=True))
-        out = [(seg - m) * a for seg, m, a in zip(segments, means, inv_stds, strict=True)]
+
+        def per_channel(v):  # [c] -> broadcastable along the channel axis
+            return v.reshape(v.shape + (1,) * (segments[0].ndim - 1 - ax))
+
+        out = [
+            (seg - per_channel(m)) * per_channel(a)
+            for seg, m, a in zip(segments, means, inv_stds, strict=True)
+        ]
         if self.affine:
             scale = self.param("scale", nn.initializers.ones, (c,))
             bias = self.param("bias", nn.initializers.zeros, (c,))
             out = [
-                y * scale[lo:hi] + bias[lo:hi]
+                y * per_channel(scale[lo:hi]) + per_channel(bias[lo:hi])
                 for y, lo, hi in zip(out, offsets[:-1], offsets[1:], strict=True)
             ]
         return out if isinstance(x, (list, tuple)) else out[0]
@@ -128,6 +139,7 @@ class ComplexProjection(nn.Module):
 
     features: int
     precision: str = "highest"
+    channel_axis: int = -1  # 1: channel-major [batch, c, h, w] segments and output
 
     @nn.compact
     def __call__(
@@ -144,20 +156,23 @@ class ComplexProjection(nn.Module):
         kernel = self.param(
             "kernel",
             lambda key, shape: complex_ops.semi_unitary_init(key, *shape),
-            (sum(s.shape[-1] for s in segments), self.features),
+            (sum(s.shape[self.channel_axis] for s in segments), self.features),
         )
         if standardize is None:
-            return complex_ops.project_segments(segments, kernel, self.precision)
+            return complex_ops.project_segments(
+                segments, kernel, self.precision, channel_axis=self.channel_axis
+            )
         return complex_ops.project_segments(
             segments,
             kernel,
             self.precision,
             means=[m for m, _ in standardize],
             scales=jnp.concatenate([a for _, a in standardize]),  # real [c_in]
+            channel_axis=self.channel_axis,
         )
 
 
-def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
+def _merge_segments(parts: list[jax.Array], axis: int = -1) -> list[jax.Array]:
     """Channel segments in order, adjacent parts of the same kind (real/complex) concatenated.
 
     The reference concatenates everything into one complex tensor; keeping real parts (moduli,
@@ -169,7 +184,7 @@ def _merge_segments(parts: list[jax.Array]) -> list[jax.Array]:
             merged[-1].append(p)
         else:
             merged.append([p])
-    return [g[0] if len(g) == 1 else jnp.concatenate(g, axis=-1) for g in merged]
+    return [g[0] if len(g) == 1 else jnp.concatenate(g, axis=axis) for g in merged]
 
 
 class PhaseCollapseBlock(nn.Module):
@@ -195,16 +210,23 @@ class PhaseCollapseBlock(nn.Module):
     full_angles: bool = False  # orientations over 2 pi (docs/spec.md 1.3)
     backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
 
-    def _rho(self, z: jax.Array) -> jax.Array:
+    def _rho(
+        self, z: jax.Array, axis: int = -1, channels: tuple[int, ...] | None = None
+    ) -> jax.Array:
+        """rho with one learned value per channel of `axis`; `channels`: the shape of the
+        channel axes of `z` from `axis` on, when a channel is split over several axes."""
+        channels = channels or (z.shape[axis],)
+        axis %= z.ndim
         names = nonlinear.COMPLEX_NONLINEARITIES[self.nonlinearity]
         init = dict(DEFAULT_NONLINEARITY_INIT.get(self.nonlinearity, {}))
         init.update(self.nonlinearity_init or {})
         params = {}
         for name in names:
             if self.learn_nonlinearity:
-                params[name] = self.param(
-                    f"rho_{name}", nn.initializers.constant(init[name]), (z.shape[-1],)
+                p = self.param(
+                    f"rho_{name}", nn.initializers.constant(init[name]), (int(np.prod(channels)),)
                 )
+                params[name] = p.reshape(channels + (1,) * (z.ndim - axis - len(channels)))
             else:
                 params[name] = init[name]
         return nonlinear.apply_complex_nonlinearity(self.nonlinearity, z, **params)
@@ -216,8 +238,22 @@ class PhaseCollapseBlock(nn.Module):
                 f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
             )
         complex_ops.check_precision(self.precision)
-        phi, psi = wavelets.wavelet_transform(
-            x,
+        # The matmul wavelet path (TPUs) runs channel-major, the layout its matmuls want, and
+        # so does the rest of the block (statistics and projection contract or reduce over
+        # the spatial axes there); the other paths stay channels-last.
+        channel_major = (
+            x.ndim == 4
+            and wavelets.choose_method(x.shape[1], x.shape[2], self.wavelet_method, self.backend)
+            == "matmul"
+        )
+        axis = 1 if channel_major else -1
+        transform = (
+            wavelets.wavelet_transform_channel_major
+            if channel_major
+            else wavelets.wavelet_transform
+        )
+        phi, psi = transform(
+            jnp.moveaxis(x, -1, 1) if channel_major else x,
             self.num_angles,
             self.filter_mode,
             self.wavelet_method,
@@ -225,18 +261,26 @@ class PhaseCollapseBlock(nn.Module):
             full_angles=self.full_angles,
             backend=self.backend,
         )
-        if self.block_type == "rho_psi":
+        if channel_major:  # psi: [b, c, L, h', w'] -> rho -> [b, c L, h', w']
+            flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
+            if self.block_type == "rho_psi":
+                parts = [phi, flat(self._rho(psi, axis, psi.shape[1:3]))]
+            else:
+                w = jnp.concatenate([phi.astype(jnp.complex64), flat(psi)], axis=axis)
+                parts = [phi, flat(psi), self._rho(w, axis)]
+        elif self.block_type == "rho_psi":
             parts = [phi, self._rho(psi)]
         else:
             # rho sees the complex concatenation [phi ; psi], as in the reference.
-            w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=-1)
-            parts = [phi, psi, self._rho(w)]
-        segments = _merge_segments(parts)
-        stats = BatchStandardize(name="std", return_statistics=True)(
+            w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=axis)
+            parts = [phi, psi, self._rho(w, axis)]
+        segments = _merge_segments(parts, axis)
+        stats = BatchStandardize(name="std", return_statistics=True, channel_axis=axis)(
             segments, use_running_average=not train
         )
-        z = ComplexProjection(self.features, self.precision, name="proj")(segments, stats)
-        return nonlinear.normalize_pixels(z)
+        z = ComplexProjection(self.features, self.precision, axis, name="proj")(segments, stats)
+        z = nonlinear.normalize_pixels(z, axis)
+        return jnp.moveaxis(z, 1, -1) if channel_major else z
 
 
 def torch_linear_init(fan_in: int):

@@ -126,14 +126,15 @@ def apply_real_nonlinearity(name: str, x: jax.Array, **params: jax.Array) -> jax
     return fns[name](x, **params)
 
 
-def normalize_pixels(x: jax.Array) -> jax.Array:
+def normalize_pixels(x: jax.Array, axis: int = -1) -> jax.Array:
     """N: divides each pixel vector by its L2 norm over channels, sqrt(sum_c |x_c|^2).
 
-    x: [batch, h, w, c], real or complex. The reference has no epsilon; an exactly zero pixel
-    vector (0 / 0 there) is mapped to 0 here, which changes nothing else.
+    x: [batch, h, w, c] (or channel-major with `axis`=1), real or complex. The reference has
+    no epsilon; an exactly zero pixel vector (0 / 0 there) is mapped to 0 here, which changes
+    nothing else.
     """
     sq = jnp.sum(
-        jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x, axis=-1, keepdims=True
+        jnp.real(x * jnp.conj(x)) if jnp.iscomplexobj(x) else x * x, axis=axis, keepdims=True
     )
     nonzero = sq > 0
     # Double `where` keeps the gradient of sqrt finite at 0.

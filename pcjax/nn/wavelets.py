@@ -22,7 +22,10 @@ Three methods compute the same linear operator:
   and the crop fold into one complex matrix G [M', Mp] (the rows of the inverse DFT at the kept
   output samples). Each block is then 4 small matmuls and one element-wise product by the real
   filters: G_h ((F_h X F_w^T) * h_hat_k) G_w^T. Exact for any filter bank, every matmul runs
-  under the precision policy, and there are no awkward FFT sizes (228 = 2^2 3 19).
+  under the precision policy, and there are no awkward FFT sizes (228 = 2^2 3 19). It computes
+  channel-major, with the (Re, Im) planes between the two spatial axes (`_matmul_planes`): the
+  layout in which XLA:TPU chains the four matmuls without transposes.
+  `wavelet_transform_channel_major` returns that layout; the blocks of the TPU path use it.
 
 "auto" picks per backend (`choose_method`). Matmuls follow the precision policy of
 `pcjax.nn.complex_ops` (default "highest": float32 products).
@@ -218,41 +221,64 @@ def axis_matrices(m: int, subsample: bool) -> tuple[np.ndarray, np.ndarray]:
     return f, g
 
 
-def _complex_einsum(spec: str, m: np.ndarray, x: jax.Array, precision: str) -> jax.Array:
-    """einsum(spec, M, x) for a constant complex M as one real matmul under the precision policy.
+def _plane_matrix(m: np.ndarray) -> np.ndarray:
+    """A constant complex matrix M [o, i] as the real float32[o, 2, i, 2] acting on (Re, Im) planes.
 
-    The (Re, Im) planes of x sit on a new leading axis and meet the real block matrix
-    [[Mr, -Mi], [Mi, Mr]] (for a real x: [Mr, Mi]), so each step reads x and writes its result
-    once, instead of four (two) separate real products combined afterwards. Same products and
-    sums (no 3-product trick: it loses accuracy).
+    Index [o, r, i, s] is the weight of plane s of input i in plane r of output o:
+    [[Mr, -Mi], [Mi, Mr]]. Same products and sums as the complex product (no 3-product trick:
+    it loses accuracy).
     """
-    (m_idx, x_idx), out_idx = spec.split("->")[0].split(","), spec.split("->")[1]
-    if not jnp.iscomplexobj(x):
-        m2 = np.stack([m.real, m.imag]).astype(np.float32)  # [2, ...]
+    out = np.zeros((m.shape[0], 2, m.shape[1], 2), np.float32)
+    out[:, 0, :, 0] = out[:, 1, :, 1] = m.real
+    out[:, 0, :, 1] = -m.imag
+    out[:, 1, :, 0] = m.imag
+    return out
+
+
+def _matmul_planes(
+    x: jax.Array, bank: filters.FilterBank, precision: str
+) -> tuple[jax.Array, jax.Array]:
+    """Per-axis matmul path on a channel-major input [b, c, h, w]: (phi [b, c, h', w'],
+    psi complex64[b, c, K, h', w']); phi is real for a real input.
+
+    Inside, a complex array is real [..., rows, 2, cols] with its (Re, Im) planes between the
+    two spatial axes. Each step is then one real matmul against `_plane_matrix` that contracts
+    the plane axis together with the spatial axis next to it, (plane, col) or (row, plane), and
+    the next step's operand is the previous step's result as written: no transposes between
+    the four matmuls. The low-pass and the wavelets are inverted separately so that neither
+    result is sliced out of (or its gradient padded into) one larger array.
+    """
+    f_h, g_h = axis_matrices(x.shape[2], bank.subsample)
+    f_w, g_w = axis_matrices(x.shape[3], bank.subsample)
+    m_gw, m_gh = jnp.asarray(_plane_matrix(g_w)), jnp.asarray(_plane_matrix(g_h))
+    if jnp.iscomplexobj(x):
+        planes = jnp.stack([x.real, x.imag], axis=3)  # [b, c, h, 2, w]
         y = complex_ops.einsum(
-            f"r{m_idx},{x_idx}->r{out_idx}", jnp.asarray(m2), x.astype(jnp.float32), precision
+            "bchsw,qrws->bchrq", planes, jnp.asarray(_plane_matrix(f_w)), precision
         )
     else:
-        m2 = np.stack([np.stack([m.real, -m.imag], 1), np.stack([m.imag, m.real], 1)])
-        m2 = m2.astype(np.float32)  # [2 (out plane), out, 2 (in plane), in] for a 2-D M
-        planes = jnp.stack([x.real, x.imag])
-        y = complex_ops.einsum(
-            f"r{m_idx[0]}s{m_idx[1:]},s{x_idx}->r{out_idx}", jnp.asarray(m2), planes, precision
-        )
-    return jax.lax.complex(y[0], y[1])
+        f_w2 = np.stack([f_w.real, f_w.imag], axis=1).astype(np.float32)  # [q, 2, w]
+        y = complex_ops.einsum("bchw,qrw->bchrq", x, jnp.asarray(f_w2), precision)
+    xf = complex_ops.einsum("bchsq,prhs->bcprq", y, jnp.asarray(_plane_matrix(f_h)), precision)
+
+    def inverse(hat: np.ndarray) -> jax.Array:  # [k, P, Q] -> [b, c, k, h', 2, w']
+        yf = xf[:, :, None] * jnp.asarray(hat)[None, None, :, :, None, :]
+        u = complex_ops.einsum("bckprq,jsqr->bckpsj", yf, m_gw, precision)
+        return complex_ops.einsum("bckpsj,irps->bckirj", u, m_gh, precision)
+
+    phi = inverse(bank.phi_hat[None])[:, :, 0]
+    psi = inverse(bank.psi_hat)
+    psi = jax.lax.complex(psi[..., 0, :], psi[..., 1, :])
+    if jnp.iscomplexobj(x):
+        return jax.lax.complex(phi[..., 0, :], phi[..., 1, :]), psi
+    return phi[..., 0, :], psi  # the low-pass of a real image is real
 
 
 def _matmul_transform(x: jax.Array, bank: filters.FilterBank, precision: str) -> jax.Array:
     """Per-axis matmul path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
-    _, h, w, _ = x.shape
-    f_h, g_h = axis_matrices(h, bank.subsample)
-    f_w, g_w = axis_matrices(w, bank.subsample)
-    hat = jnp.asarray(np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).transpose(1, 2, 0))
-    xf = _complex_einsum("ph,bhwc->bpwc", f_h, x, precision)
-    xf = _complex_einsum("qw,bpwc->bpqc", f_w, xf, precision)
-    yf = xf[:, :, :, None, :] * hat[None, :, :, :, None]  # [b, P, Q, K + 1, c]
-    y = _complex_einsum("ip,bpqkc->biqkc", g_h, yf, precision)
-    return _complex_einsum("jq,biqkc->bijkc", g_w, y, precision)
+    phi, psi = _matmul_planes(jnp.moveaxis(x, -1, 1), bank, precision)
+    y = jnp.concatenate([phi.astype(jnp.complex64)[:, :, None], psi], axis=2)
+    return jnp.transpose(y, (0, 3, 4, 2, 1))
 
 
 # "auto" on GPU/TPU, until a device measurement exists, by the counts of
@@ -339,3 +365,44 @@ def wavelet_transform(
         x, num_angles, mode, method, guard_gradients, precision, full_angles, backend
     )
     return _split_outputs(y, real_input=not jnp.iscomplexobj(x))
+
+
+def wavelet_transform_channel_major(
+    x: jax.Array,
+    num_angles: int,
+    mode: str,
+    method: Method = "fft",
+    guard_gradients: bool = True,
+    precision: str = "highest",
+    full_angles: bool = False,
+    backend: str | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """`wavelet_transform` of a channel-major input [batch, c, h, w].
+
+    Returns phi [batch, c, h', w'] and psi complex64[batch, c, L, h', w']: reshaped to
+    [batch, c * L, h', w'] it is in the reference's channel order c * L + angle (a point-wise
+    non-linearity applied before that reshape saves XLA:TPU a copy). The "matmul" method
+    computes in this layout (`_matmul_planes`), the one its matmuls want; the others
+    transpose to and from channels-last around `wavelet_transform`.
+    """
+    _check_input(x)
+    _, _, h, w = x.shape
+    resolved = choose_method(h, w, method, backend)
+    if resolved != "matmul":
+        phi, psi = wavelet_transform(
+            jnp.moveaxis(x, 1, -1),
+            num_angles,
+            mode,
+            resolved,
+            guard_gradients,
+            precision,
+            full_angles,
+        )
+        b, ho, wo, _ = psi.shape
+        psi = jnp.moveaxis(psi.reshape(b, ho, wo, -1, num_angles), (3, 4), (1, 2))
+        return jnp.moveaxis(phi, -1, 1), psi
+    bank = bank_for_input(h, w, num_angles, mode, full_angles)
+    if guard_gradients:
+        x = zero_nonfinite_grad(x)
+    complex_ops.check_precision(precision)
+    return _matmul_planes(x, bank, precision)
