@@ -281,23 +281,23 @@ def _matmul_transform(x: jax.Array, bank: filters.FilterBank, precision: str) ->
     return jnp.transpose(y, (0, 3, 4, 2, 1))
 
 
-# "auto" on GPU/TPU, until a device measurement exists, by the counts of
-# docs/benchmarks/accelerator.md: TPUs run FFTs slowly and at reduced precision that cannot be
-# raised, so they use matmuls at every size (the dense operator while it is the smaller of the
-# two, i.e. up to 8x8 inputs). GPUs run cuFFT at full float32 accuracy and at memory speed: the
-# FFT path moves the least data, and the matmul form's extra FLOPs only pay off where they stay
-# small against the projection, again up to 8x8 inputs (the dense operator).
+# "auto" on TPUs: "matmul" at every size, by XLA:TPU's compiled figures of each ImageNet block
+# (docs/scale.md, "Per block"): the channel-major matmul path moves fewer bytes and keeps fewer
+# temporaries than the FFT path (about half the bytes on the large blocks) and than the dense
+# operator on the 7x7 and 6x6 blocks; TPU FFTs also run at a reduced precision that cannot be
+# raised. On GPUs, until a device measurement exists, by the counts of
+# docs/benchmarks/accelerator.md: cuFFT runs at full float32 accuracy and at memory speed, so
+# the FFT path moves the least data, and the dense operator is cheaper up to 8x8 inputs.
 def choose_method(h: int, w: int, method: Method, backend: str | None = None) -> str:
-    """Resolves "auto" per backend: dense "spatial" up to 8x8 everywhere; above it "fft" on
-    CPU (measured) and GPU, "matmul" on TPU."""
+    """Resolves "auto" per backend: "matmul" on TPU; dense "spatial" up to 8x8, above it
+    "fft", on CPU (measured) and GPU."""
     if method not in METHODS:
         raise ValueError(f"Unknown wavelet method {method!r}; valid choices: {METHODS}.")
     if method != "auto":
         return method
-    if h * w <= SPATIAL_MAX_PIXELS:
-        return "spatial"
-    backend = backend or jax.default_backend()
-    return "matmul" if backend == "tpu" else "fft"
+    if (backend or jax.default_backend()) == "tpu":
+        return "matmul"
+    return "spatial" if h * w <= SPATIAL_MAX_PIXELS else "fft"
 
 
 def wavelet_coefficients(
