@@ -161,14 +161,14 @@ def test_largest_fitting_batch_agrees_with_a_linear_scan():
 def test_out_of_memory_is_one_line_with_a_batch_that_fits():
     _tpu_devices("v5e-1")
     config = _tiny_digits()
-    # Far too large: the channel-major matmul path fits 1 << 20 of these images in 14 GiB.
-    config.data.global_batch_size = 1 << 22
+    far_too_large = 1 << 22  # the channel-major matmul path fits 1 << 20 of these in 14 GiB
+    config.data.global_batch_size = far_too_large
     with pytest.raises(compile_only.OutOfMemory) as caught:
         compile_only.run(config, "v5e-1")
     line = str(caught.value)
     assert "\n" not in line and "TPU v5 lite" in line and "GiB" in line
     best = int(line.split("largest per-device batch that fits is ")[1].split()[0])
-    assert 1 < best < 1 << 22
+    assert 1 < best < far_too_large
     setup = compile_only.setup_target("v5e-1")
     report, _, _ = compile_only.compile_step(config, setup, "train", per_device_batch=best)
     assert report.total_bytes <= targets.CHIPS["v5e"].hbm_bytes
