@@ -2,13 +2,15 @@
 
     python -m benchmarks.scale_blocks --config imagenet:mod/rho_psi --blocks 0 1 --batch 16
     python -m benchmarks.scale_blocks --config imagenet:mod/rho_psi --blocks 1 --stages
+    python -m benchmarks.scale_blocks --blocks 1 7 --precision bf16
 
 Each block of a preset's network is compiled (never run) on its own, forward + backward
 (the gradient of a random linear function of its output w.r.t. its parameters and its input),
 in train mode, for one chip of a compile-only v5e 2x2 slice (libtpu's topology description on
 this host). Prints XLA's own figures per image: FLOPs, bytes accessed, temporaries, and next to
 them the "natural" bytes: the block's input and output at their logical shapes (what a block
-that kept everything else on chip would have to move once each way).
+that kept everything else on chip would have to move once each way), and the compile's wall
+seconds (`--precision` shows what the products' precision costs the compiler).
 
 `--stages` adds, per block, an approximate split of the traffic by stage (wavelets,
 non-linearity, Std, projection, normalisation; forward and backward), from the compiled
@@ -23,6 +25,7 @@ import argparse
 import collections
 import os
 import re
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -34,7 +37,7 @@ import numpy as np  # noqa: E402
 from benchmarks import common  # noqa: E402
 from pcjax.accelerators import targets  # noqa: E402
 from pcjax.configs import schema  # noqa: E402
-from pcjax.nn import layers  # noqa: E402
+from pcjax.nn import complex_ops, layers  # noqa: E402
 
 
 def tpu_device():
@@ -43,11 +46,12 @@ def tpu_device():
     return targets.devices(targets.get_target("v5e-4"))[0]
 
 
-def block_inputs(spec: str, batch: int, wavelet_method: str):
+def block_inputs(spec: str, batch: int, wavelet_method: str, precision: str = "highest"):
     """(block, variables, input, output) shape structs of every block of the network of
     "dataset:preset" (`common.load_config`)."""
     config, image_shape = common.load_config(spec)
     config.model.wavelet_method = wavelet_method
+    config.model.precision = precision
     net = schema.build_model(config)
     x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     out = []
@@ -136,18 +140,21 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="*", help="default: all")
     parser.add_argument("--batch", type=int, default=16, help="images per chip")
     parser.add_argument("--wavelet-method", default="matmul")
+    parser.add_argument("--precision", default="highest", choices=complex_ops.PRECISIONS)
     parser.add_argument("--stages", action="store_true")
     args = parser.parse_args()
     device = tpu_device()
-    blocks = block_inputs(args.config, args.batch, args.wavelet_method)
+    blocks = block_inputs(args.config, args.batch, args.wavelet_method, args.precision)
     print(
         "| block | input | output | GFLOP/img | HBM MB/img | natural MB/img | ratio "
-        "| temporaries MiB/img |"
+        "| temporaries MiB/img | compile s |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for b in args.blocks if args.blocks is not None else range(len(blocks)):
         block, v, x, y = blocks[b]
+        tick = time.perf_counter()
         compiled = compile_block(device, block, v, x, y)
+        seconds = time.perf_counter() - tick
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         mem = compiled.memory_analysis()
@@ -158,12 +165,12 @@ def main() -> None:
             f"| {b} | {'x'.join(map(str, x.shape[1:]))} {x.dtype} | "
             f"{'x'.join(map(str, y.shape[1:]))} | {cost['flops'] / n / 1e9:.2f} | "
             f"{moved / 1e6:.1f} | {natural / 1e6:.2f} | {moved / natural:.0f} | "
-            f"{mem.temp_size_in_bytes / n / 2**20:.1f} |",
+            f"{mem.temp_size_in_bytes / n / 2**20:.1f} | {seconds:.0f} |",
             flush=True,
         )
         if args.stages:
             for stage, nbytes in sorted(stage_bytes(compiled.as_text()).items()):
-                print(f"|  | {stage} |  |  | ~{nbytes / n / 1e6:.1f} |  |  |  |", flush=True)
+                print(f"|  | {stage} |  |  | ~{nbytes / n / 1e6:.1f} |  |  |  |  |", flush=True)
 
 
 if __name__ == "__main__":
