@@ -11,7 +11,8 @@ per-chip batch of that chip generation, found by compiling on the generation's o
 
 Every compile is cached in docs/scale.csv under the target and a hash of the lowered program:
 a rerun compiles only programs that changed or were not reached (stop it any time, rerun to
-resume), and `--fresh` starts over. The markdown is rewritten from the CSV after every row.
+resume), and `--fresh` starts over. The markdown is rewritten from the CSV after every row;
+`--nocompile` rewrites it from the CSV alone, a row not compiled yet saying so.
 """
 
 from __future__ import annotations
@@ -52,15 +53,22 @@ _PRESETS = flags.DEFINE_multi_string("preset", list(PRESETS), "FILE:PRESET (repe
 _TARGETS = flags.DEFINE_list("targets", list(TARGETS), "Target names (pcjax.accelerators.targets).")
 _LARGEST = flags.DEFINE_bool("largest", True, "Search the largest per-chip batch.")
 _FRESH = flags.DEFINE_bool("fresh", False, "Discard the cached compiles.")
+_COMPILE = flags.DEFINE_bool("compile", True, "Compile what the cache lacks (else: say so).")
 _CSV = flags.DEFINE_string("csv", str(ROOT / "docs" / "scale.csv"), "Compile cache.")
 _OUT = flags.DEFINE_string("out", str(ROOT / "docs" / "scale.md"), "Markdown report.")
 
 
-class CsvCache:
-    """compile_only's cache, one CSV row per compiled program and target."""
+class NotCompiled(Exception):
+    """A program the cache lacks, under --nocompile."""
 
-    def __init__(self, path: str, target: str, preset: str, fresh: bool):
+
+class CsvCache:
+    """compile_only's cache, one CSV row per compiled program and target; with `compile_missing`
+    False, a miss raises NotCompiled instead of letting the program be compiled."""
+
+    def __init__(self, path: str, target: str, preset: str, fresh: bool, compile_missing=True):
         self.path, self.target, self.preset = path, target, preset
+        self.compile_missing = compile_missing
         if fresh and os.path.exists(path):
             os.remove(path)
 
@@ -74,6 +82,8 @@ class CsvCache:
         for row in self.rows():
             if row["target"] == self.target and row["key"] == key:
                 return _from_row(row)
+        if not self.compile_missing:
+            raise NotCompiled(key)
         return None
 
     def put(self, key: str, value) -> None:
@@ -143,14 +153,19 @@ def measure(preset: str, target_name: str, setups: dict) -> dict:
             row["fits"] = f"no: {paper} images over {target.num_devices} chips"
         else:
             setup = _setups(setups, target_name)
-            cache = CsvCache(_CSV.value, target_name, preset, False)
+            cache = CsvCache(_CSV.value, target_name, preset, False, _COMPILE.value)
             try:
                 report, _, _ = compile_only.compile_step(config, setup, "train", cache=cache)
                 row.update(fits="yes", report=report)
             except compile_only.DoesNotFit as oom:
                 row.update(fits="no (out of memory)", required=oom.args[0])
+            except NotCompiled:
+                row["fits"] = "not compiled yet (rerun without --nocompile)"
         if _LARGEST.value:
-            row["largest"] = _largest(config, preset, target, setups)
+            try:
+                row["largest"] = _largest(config, preset, target, setups)
+            except NotCompiled:
+                row["largest"] = "not searched yet"
     except targets.MissingCompiler as error:
         row["fits"] = f"not compiled: {str(error).split('; ')[-1]}"
     return row
@@ -160,7 +175,7 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     """The largest per-chip batch on the generation's one-host slice, from the paper's."""
     search = SEARCH_ON[target.chip.generation]
     setup = _setups(setups, search)
-    cache = CsvCache(_CSV.value, search, preset, False)
+    cache = CsvCache(_CSV.value, search, preset, False, _COMPILE.value)
     fits = compile_only.fits_function(config, setup, "train", cache)
     start = max(1, config.data.global_batch_size // setup.mesh.size)
     ok, used = fits(start)

@@ -280,3 +280,31 @@ def test_input_pipeline_and_wavelet_quick_modes():
     text = _run_module("benchmarks.wavelets", "--quick")
     assert len(_table_rows(text, "## Results")) == 16
     assert "slower method on" in text
+
+
+def test_scale_cache_round_trips_and_nocompile_reports_a_miss(tmp_path):
+    """docs/scale.csv keeps every compiled figure; --nocompile turns a miss into a table row."""
+    from benchmarks import scale
+    from pcjax.accelerators import compile_only
+
+    path = str(tmp_path / "scale.csv")
+    report = compile_only.StepReport(
+        name="train", global_batch=128, per_device_batch=16, argument_bytes=11,
+        output_bytes=12, alias_bytes=10, temp_bytes=13, code_bytes=14, flops=1.5e12,
+        bytes_accessed=2.5e11, cost_source="compiler", compiler_seconds=None,
+        allreduce_bytes=15, compile_seconds=3.25,
+    )  # fmt: skip
+    cache = scale.CsvCache(path, "v5e-8", "imagenet:mod/rho_psi", fresh=False)
+    assert cache.get("k1") is None  # compiling allowed: a miss is None
+    cache.put("k1", report)
+    cache.put("k2", compile_only.DoesNotFit(20 * 2**30, 16 * 2**30, 256))
+    back = cache.get("k1")
+    for field in ("per_device_batch", "argument_bytes", "temp_bytes", "flops", "compile_seconds"):
+        assert getattr(back, field) == getattr(report, field), field
+    oom = cache.get("k2")
+    assert isinstance(oom, compile_only.DoesNotFit) and oom.args == (20 * 2**30, 16 * 2**30, 256)
+    assert scale.CsvCache(path, "v6e-8", "x", False).get("k1") is None  # per target
+    frozen = scale.CsvCache(path, "v5e-8", "x", False, compile_missing=False)
+    assert frozen.get("k1").flops == report.flops
+    with pytest.raises(scale.NotCompiled):
+        frozen.get("k3")
