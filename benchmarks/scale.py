@@ -245,7 +245,8 @@ over the input pipeline's training img/s per core (docs/benchmarks/input_pipelin
 385, CIFAR-10 6446). Largest per-chip batch: compiled on the generation's one-host slice
 (v5e-8, v6e-8, v4-8, v5p-8, h200-8); the per-chip program differs between slice sizes only in
 its all-reduce. v4 and v5p names count TensorCores (two per chip), v5e and v6e names count
-chips. Every compile is cached in docs/scale.csv under a hash of its lowered program."""
+chips. Every compile is cached in docs/scale.csv under a hash of its lowered program;
+`--nocompile` rewrites this table from that cache alone."""
 
 
 def main(argv: list[str]) -> None:
