@@ -251,6 +251,11 @@ chips. Every compile is cached in docs/scale.csv under a hash of its lowered pro
 
 def main(argv: list[str]) -> None:
     del argv
+    for name in _TARGETS.value:  # a wrong name: one line with the valid ones, before compiling
+        try:
+            targets.get_target(name)
+        except ValueError as error:
+            raise app.UsageError(str(error)) from None
     if _FRESH.value and os.path.exists(_CSV.value):
         os.remove(_CSV.value)
     rows, setups = [], {}
