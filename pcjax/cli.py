@@ -56,10 +56,6 @@ def _env_int(name: str) -> int | None:
 
 def main(default_config: str) -> None:
     """Defines the flags, hides accelerators from TF, trains, prints the final eval."""
-    if not any(a.startswith("--compile_for") for a in sys.argv[1:]):
-        from pcjax.data import preprocessing  # imports TensorFlow; compile-only checks do not
-
-        preprocessing.hide_accelerators_from_tf()
     from absl import app, flags, logging
     from ml_collections import config_flags
 
@@ -112,6 +108,11 @@ def main(default_config: str) -> None:
             return
         if not workdir_flag.value:
             raise app.UsageError("--workdir is required.")
+        # Before anything starts TF's runtime (the event writer, the input pipeline); not at
+        # import, so that --help and a bad flag or preset answer without loading TensorFlow.
+        from pcjax.data import preprocessing
+
+        preprocessing.hide_accelerators_from_tf()
         logging.set_verbosity(logging.INFO)
         try:
             result = launch.run(

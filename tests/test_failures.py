@@ -13,8 +13,8 @@ from pcjax.training import checkpoint
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _cli(script, *args, code=None):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+def _cli(script, *args, code=None, **env_vars):
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **env_vars}
     cmd = [sys.executable, script, *args] if code is None else [sys.executable, "-c", code]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -40,9 +40,16 @@ def test_an_unknown_config_key_is_one_line_with_the_valid_keys(tmp_path):
 
 @pytest.mark.slow
 def test_an_unknown_preset_or_flag_is_one_line(tmp_path):
-    out = _cli("experiments/quickstart.py", "--config=pcjax/configs/digits.py:nosuch")
+    out = _cli(
+        "experiments/quickstart.py",
+        "--config=pcjax/configs/digits.py:nosuch",
+        PYTHONPROFILEIMPORTTIME="1",  # every import, on stderr
+    )
     line = _one_error_line(out)
     assert "Unknown preset 'nosuch'" in line and "'default'" in line
+    # Answered before TensorFlow (seconds to import) is loaded.
+    imported = {row.rsplit("|", 1)[-1].strip() for row in out.stderr.splitlines() if "|" in row}
+    assert "pcjax.configs.schema" in imported and "tensorflow" not in imported
     out = _cli("experiments/quickstart.py", f"--workdir={tmp_path}/w", "--no_such_flag=1")
     assert "no_such_flag" in _one_error_line(out)
     assert not (tmp_path / "w").exists()

@@ -450,8 +450,8 @@ def test_sigterm_then_sigkill_then_resume_exactly(tmp_path):
 
 @pytest.mark.slow
 def test_cli_hides_accelerators_from_tensorflow_before_it_starts():
-    """Importing a main's CLI module starts no TensorFlow; `cli.main` hides accelerators first
-    thing, before any module that imports TensorFlow (TFDS, CLU) is loaded."""
+    """Importing a main's CLI module starts no TensorFlow; `cli.main` hides accelerators
+    before it trains, before anything starts TF's runtime (the event writer, the pipeline)."""
     code = (
         "import sys\n"
         "from pcjax import cli\n"

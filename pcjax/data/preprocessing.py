@@ -33,7 +33,7 @@ CIFAR_PADDING = 4
 def hide_accelerators_from_tf() -> None:
     """Makes TF see only the host CPU, so that it leaves GPU memory and TPU cores to JAX.
 
-    Effective only before TF's runtime starts: the CLI calls it first thing, the pipeline
+    Effective only before TF's runtime starts: the CLI calls it before it trains, the pipeline
     builders again (a no-op then, or a warning if TF started with other devices visible).
     """
     for kind in ("GPU", "TPU"):
