@@ -6,7 +6,7 @@ crops rounded to the nearest level, as torchvision's PIL resize does before `ToT
 normalisation by the ImageNet mean and std runs on the device (`datasets.normalize_images`).
 `normalize` is its host-side TF twin, kept for tests and the benchmark of the former pipeline.
 TF runs on the host CPU only: `hide_accelerators_from_tf` runs before any pipeline is built (and
-first thing in the CLI), so TF never takes GPU memory or TPU cores from JAX.
+in the CLI before training starts), so TF never takes GPU memory or TPU cores from JAX.
 """
 
 from __future__ import annotations
