@@ -1,5 +1,5 @@
 """Two processes x four CPU devices on 127.0.0.1, launched with explicit coordinator flags:
-train, checkpoint, collective preemption (SIGTERM to one process), exact resume."""
+train, checkpoint, collective preemption (SIGTERM to one process, then to both), exact resume."""
 
 import os
 import signal
@@ -86,24 +86,37 @@ def _wait_for_checkpoint(procs, workdir, step: int = 2) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.slow
-def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
-    wd = tmp_path / "wd"
-    procs = _launch(wd, 100000, tmp_path)  # never ends by itself
-    _wait_for_checkpoint(procs, wd)
-    procs[1].send_signal(signal.SIGTERM)  # one process only
+def _preempt(procs, workdir, targets, resumed_from: int | None = None) -> int:
+    """SIGTERM to `targets` once a new checkpoint exists; both processes save the same step and
+    exit 143 (having started from `resumed_from`, if given). Returns that step."""
+    start = max(_steps(workdir), default=0)
+    _wait_for_checkpoint(procs, workdir, start + 2)
+    for proc in targets:
+        proc.send_signal(signal.SIGTERM)
     results = _wait(procs)
-    saved = _steps(wd)[-1]
+    saved = _steps(workdir)[-1]
     for rc, log in results:
         assert rc == preemption.PREEMPTED_EXIT_CODE, log[-3000:]
         assert f"Preempted: saved step {saved} " in log and "Finished" not in log
         assert "processes=2" in log or "process 1/2" in log
+        assert resumed_from is None or f"starting at step {resumed_from}" in log
+    return saved
 
-    end = saved + 2
-    resumed = _wait(_launch(wd, end, tmp_path))
-    for rc, log in resumed:
+
+@pytest.mark.slow
+def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
+    """SIGTERM to one process stops both at the same saved step; the rerun resumes there, and
+    SIGTERM to both at once does the same; the final parameters equal an uninterrupted run's."""
+    wd = tmp_path / "wd"
+    procs = _launch(wd, 100000, tmp_path)  # never ends by itself
+    first = _preempt(procs, wd, procs[1:])  # one process only
+    procs = _launch(wd, 100000, tmp_path)
+    second = _preempt(procs, wd, procs, resumed_from=first)  # every process at once
+    assert second > first
+    for rc, log in _wait(_launch(wd, second + 2, tmp_path)):
         assert rc == 0, log[-3000:]
-        assert f"starting at step {saved}" in log
+        assert f"starting at step {second}" in log
+    end = second + 2
     straight = tmp_path / "straight"
     for rc, log in _wait(_launch(straight, end, tmp_path)):
         assert rc == 0, log[-3000:]
