@@ -185,6 +185,11 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     return compile_only.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)
 
 
+def _duration(hours: float) -> str:
+    """Hours to one decimal, or minutes under an hour."""
+    return f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
+
+
 def _cells(row: dict) -> list[str]:
     config = _config(row["preset"])
     target = targets.get_target(row["target"])
@@ -202,11 +207,11 @@ def _cells(row: dict) -> list[str]:
             f"{report.total_bytes / 2**30:.2f} GiB "
             f"({100 * report.total_bytes / chip.hbm_bytes:.0f}%)",
             f"{report.per_device_batch / seconds:,.0f} / {per_slice:,.0f}",
-            f"{hours:,.1f} h ({config.optim.num_epochs} epochs)",
+            f"{_duration(hours)} ({config.optim.num_epochs} epochs)",
             f"{cores:.1f}",
         ]
     largest = row.get("largest")
-    cells.append("n/a" if largest is None else str(largest))
+    cells.append("not searched (--nolargest)" if largest is None else str(largest))
     return cells
 
 
@@ -245,8 +250,11 @@ over the input pipeline's training img/s per core (docs/benchmarks/input_pipelin
 385, CIFAR-10 6446). Largest per-chip batch: compiled on the generation's one-host slice
 (v5e-8, v6e-8, v4-8, v5p-8, h200-8); the per-chip program differs between slice sizes only in
 its all-reduce. v4 and v5p names count TensorCores (two per chip), v5e and v6e names count
-chips. Every compile is cached in docs/scale.csv under a hash of its lowered program;
-`--nocompile` rewrites this table from that cache alone."""
+chips. GPU rows: the CUDA compiler reports no cost analysis, so XLA's HLO cost analysis counts
+the FLOPs on the lowered program and the bytes on the GPU-optimised one; the rates measured on
+a real H200 ("Measured on one H200" below) are the figures to plan with. Every compile is
+cached in docs/scale.csv under a hash of its lowered program; `--nocompile` rewrites this
+table from that cache alone."""
 
 
 def main(argv: list[str]) -> None:
