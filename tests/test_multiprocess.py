@@ -113,10 +113,10 @@ def test_two_processes_preempt_together_and_resume_exactly(tmp_path):
     procs = _launch(wd, 100000, tmp_path)
     second = _preempt(procs, wd, procs, resumed_from=first)  # every process at once
     assert second > first
-    for rc, log in _wait(_launch(wd, second + 2, tmp_path)):
+    end = second + 2
+    for rc, log in _wait(_launch(wd, end, tmp_path)):
         assert rc == 0, log[-3000:]
         assert f"starting at step {second}" in log
-    end = second + 2
     straight = tmp_path / "straight"
     for rc, log in _wait(_launch(straight, end, tmp_path)):
         assert rc == 0, log[-3000:]
