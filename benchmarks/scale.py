@@ -179,7 +179,7 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     fits = compile_only.fits_function(config, setup, "train", cache)
     start = max(1, config.data.global_batch_size // setup.mesh.size)
     ok, used = fits(start)
-    capacity = target.chip.hbm_bytes
+    capacity = targets.usable_bytes(target.chip)
     if ok:
         return compile_only.largest_fitting_batch(fits, capacity, start, used)
     return compile_only.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)
@@ -205,7 +205,7 @@ def _cells(row: dict) -> list[str]:
         cores = per_slice / target.hosts / PIPELINE_PER_CORE[config.data.name]
         cells += [
             f"{report.total_bytes / 2**30:.2f} GiB "
-            f"({100 * report.total_bytes / chip.hbm_bytes:.0f}%)",
+            f"({100 * report.total_bytes / targets.usable_bytes(chip):.0f}%)",
             f"{report.per_device_batch / seconds:,.0f} / {per_slice:,.0f}",
             f"{_duration(hours)} ({config.optim.num_epochs} epochs)",
             f"{cores:.1f}",
@@ -242,19 +242,24 @@ PER_BLOCK = "## Per block"
 
 
 NOTES = """Estimated img/s: the compiler's estimate where positive (XLA's TPU estimate is not,
-for these train steps), else the roofline max(FLOPs / peak, HBM bytes / bandwidth) per chip
-from the datasheet (`accelerators.targets`: fp32 products at precision "highest" taken as six bf16
-passes on TPUs, the float32 units on GPUs); no overlap, input or all-reduce time. Wall time:
-the paper's epochs over the training set at that rate. Host cores: the slice's rate per host
-over the input pipeline's training img/s per core (docs/benchmarks/input_pipeline.md: ImageNet
-385, CIFAR-10 6446). Largest per-chip batch: compiled on the generation's one-host slice
-(v5e-8, v6e-8, v4-8, v5p-8, h200-8); the per-chip program differs between slice sizes only in
-its all-reduce. v4 and v5p names count TensorCores (two per chip), v5e and v6e names count
+for these train steps), else the roofline max(FLOPs / peak, HBM bytes / bandwidth) per chip from
+the datasheet (`accelerators.targets`: fp32 products at precision "highest" taken as six bf16
+passes on TPUs, the float32 units on GPUs); no overlap, input or all-reduce time. Wall time: the
+paper's epochs over the training set at that rate. Host cores: the slice's rate per host over
+the input pipeline's training img/s per core (docs/benchmarks/input_pipeline.md: ImageNet 385,
+CIFAR-10 6446). HBM per chip: the compiled program's arguments, outputs and temporaries, as a
+share of what one process may use: a TPU's HBM, which its compiler checks; on a GPU, whose
+compiler does not, JAX's default memory pool of 75 % of the datasheet's HBM (the share
+`XLA_CLIENT_MEM_FRACTION` changes). Largest per-chip batch: the largest that compiles and fits
+that memory, found by compiling on the generation's one-host slice (v5e-8, v6e-8, v4-8, v5p-8,
+h200-8; the per-chip program differs between slice sizes only in its all-reduce); "not searched
+yet" where those compiles have not been run (3 to 6 per cell, each 2 to 30 minutes on a 2-core
+machine for TPUs). v4 and v5p names count TensorCores (two per chip), v5e and v6e names count
 chips. GPU rows: the CUDA compiler reports no cost analysis, so XLA's HLO cost analysis counts
-the FLOPs on the lowered program and the bytes on the GPU-optimised one; the rates measured on
-a real H200 ("Measured on one H200" below) are the figures to plan with. Every compile is
-cached in docs/scale.csv under a hash of its lowered program; `--nocompile` rewrites this
-table from that cache alone."""
+the FLOPs on the lowered program and the bytes on the GPU-optimised one; the rates measured on a
+real H200 ("Measured on one H200" below) are the figures to plan with. Every compile is cached
+in docs/scale.csv under a hash of its lowered program; `--nocompile` rewrites this table from
+that cache alone."""
 
 
 def main(argv: list[str]) -> None:

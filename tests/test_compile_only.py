@@ -264,3 +264,42 @@ def test_gpu_compile_only_counts_flops_from_the_hlo():
     _assert_report_positive(result)
     assert result.reports["train"].cost_source.startswith("HLO cost analysis")
     assert result.reports["train"].allreduce_bytes >= result.param_bytes
+
+
+def test_usable_memory_is_a_tpus_hbm_and_jaxs_default_pool_on_a_gpu():
+    h200, v5e = targets.CHIPS["h200"], targets.CHIPS["v5e"]
+    assert targets.usable_bytes(h200, {}) == 0.75 * h200.hbm_bytes
+    assert targets.usable_bytes(h200, {"XLA_CLIENT_MEM_FRACTION": "0.9"}) == 0.9 * h200.hbm_bytes
+    old_name = {"XLA_PYTHON_CLIENT_MEM_FRACTION": ".5"}
+    assert targets.usable_bytes(h200, old_name) == 0.5 * h200.hbm_bytes
+    assert targets.usable_bytes(v5e, {"XLA_CLIENT_MEM_FRACTION": "0.5"}) == v5e.hbm_bytes
+    for bad in ("1.5", "0", "most"):
+        with pytest.raises(ValueError, match=f"XLA_CLIENT_MEM_FRACTION='{bad}'"):
+            targets.usable_bytes(h200, {"XLA_CLIENT_MEM_FRACTION": bad})
+
+
+def test_gpu_out_of_memory_is_judged_against_the_pool_a_process_gets(monkeypatch):
+    """No GPU compiler checks memory: the total is held against JAX's pool (75 % of HBM, or
+    XLA_CLIENT_MEM_FRACTION), and a program over it gets the one line and a batch that fits."""
+    try:
+        targets.devices(targets.get_target("h100-1"))
+    except targets.MissingCompiler as error:
+        pytest.skip(str(error))
+    config = _tiny_digits()
+    setup = compile_only.setup_target("h100-1")
+    chip = targets.CHIPS["h100"]
+    report, _, _ = compile_only.compile_step(config, setup, "train")
+    assert report.total_bytes < targets.usable_bytes(chip)
+    monkeypatch.setenv("XLA_CLIENT_MEM_FRACTION", str(0.6 * report.total_bytes / chip.hbm_bytes))
+    usable = targets.usable_bytes(chip)
+    with pytest.raises(compile_only.OutOfMemory) as caught:
+        compile_only.run(config, "h100-1")
+    line = str(caught.value)
+    assert "\n" not in line and chip.device_kind in line
+    best = int(line.split("largest per-device batch that fits is ")[1].split()[0])
+    assert 1 <= best < config.data.global_batch_size
+    fitting, _, _ = compile_only.compile_step(config, setup, "train", per_device_batch=best)
+    assert fitting.total_bytes <= usable
+    with pytest.raises(compile_only.DoesNotFit) as over:
+        compile_only.compile_step(config, setup, "train", per_device_batch=best + 1)
+    assert over.value.args[0] > usable == over.value.args[1]

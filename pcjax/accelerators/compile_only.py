@@ -165,9 +165,10 @@ def compile_step(
     """Compiles the train or eval step of `config` on `setup`; (StepReport, compiled, steps).
 
     Raises DoesNotFit when the compiler refuses the program, or, where the compiler does not
-    check (GPU), when the total exceeds the datasheet's HBM. With `cache` (`get(key)`,
-    `put(key, StepReport | DoesNotFit)`, the key a hash of the lowered program), a program
-    compiled before is not compiled again (then `compiled` is None). `steps` and `state`
+    check (GPU), when the total exceeds what one process may use (`targets.usable_bytes`).
+    With `cache` (`get(key)`, `put(key, StepReport | DoesNotFit)`, the key a hash of the
+    lowered program), a program compiled before is not compiled again (then `compiled` is
+    None). `steps` and `state`
     (`_steps`, `state_struct` of this config and mesh) are built when not given.
     """
     mesh = setup.mesh
@@ -186,6 +187,7 @@ def compile_step(
     if isinstance(known, DoesNotFit):
         raise known
     if known is not None:
+        _check_usable(known, setup.chip)
         return known, None, steps
     try:
         # A compile-only executable cannot be loaded back from JAX's persistent compilation
@@ -219,14 +221,19 @@ def compile_step(
         allreduce_bytes=costs.allreduce_bytes(compiled.as_text()),
         compile_seconds=seconds,
     )
-    chip = setup.chip
-    if chip is not None and chip.platform == "gpu" and report.total_bytes > chip.hbm_bytes:
-        if cache:
-            cache.put(key, DoesNotFit(report.total_bytes, chip.hbm_bytes, batch))
-        raise DoesNotFit(report.total_bytes, chip.hbm_bytes, batch)
-    if cache:
+    if cache:  # what the compiler said; the GPU verdict below is made afresh on every read
         cache.put(key, report)
+    _check_usable(report, setup.chip)
     return report, compiled, steps
+
+
+def _check_usable(report: StepReport, chip: targets.Chip | None) -> None:
+    """Raises DoesNotFit where the compiler does not check memory (GPU) and the program's
+    total exceeds what a JAX process may use there (`targets.usable_bytes`)."""
+    if chip is not None and chip.platform == "gpu":
+        usable = targets.usable_bytes(chip)
+        if report.total_bytes > usable:
+            raise DoesNotFit(report.total_bytes, usable, report.global_batch)
 
 
 def _aim(p: tuple, q: tuple, capacity: float | None) -> int | None:
@@ -303,7 +310,7 @@ def _oom_answer(config, setup: Setup, which: str, error: DoesNotFit) -> str:
     """The one line for a step that does not fit: sizes, and the largest batch that does."""
     required, available, batch = error.args
     chip = setup.chip
-    capacity = available or (chip.hbm_bytes if chip else None)
+    capacity = available or (targets.usable_bytes(chip) if chip else None)
 
     per_device = batch // setup.mesh.size
     fits = fits_function(config, setup, which)

@@ -55,8 +55,10 @@ def rows(result: Result) -> list[tuple[str, list[str]]]:
     def row(label: str, cell: Callable[[StepReport], str]) -> None:
         out.append((label, [cell(r) for r in result.reports.values()]))
 
+    usable = targets.usable_bytes(chip) if chip else None
+
     def share(r: StepReport) -> str:
-        return f" ({100 * r.total_bytes / chip.hbm_bytes:.0f}%)" if chip else ""
+        return f" ({100 * r.total_bytes / usable:.0f}%)" if chip else ""
 
     def roofline(r: StepReport) -> str:
         if chip is None:
@@ -75,7 +77,9 @@ def rows(result: Result) -> list[tuple[str, list[str]]]:
     row("outputs (of which donated inputs)", lambda r: f"{_size(r.output_bytes)} "
         f"({_size(r.alias_bytes)})")  # fmt: skip
     row("temporaries", lambda r: _size(r.temp_bytes))
-    capacity = f" of {_size(chip.hbm_bytes)}" if chip else ""
+    capacity = f" of {_size(usable)}" if chip else ""
+    if chip and usable != chip.hbm_bytes:
+        capacity += f" usable ({100 * usable / chip.hbm_bytes:.0f}% of {_size(chip.hbm_bytes)})"
     row(f"total{capacity}", lambda r: _size(r.total_bytes) + share(r))
     row("GFLOP per image", lambda r: f"{r.flops / r.per_device_batch / 1e9:.3g}")
     row("HBM GB accessed per image", lambda r: f"{r.bytes_accessed / r.per_device_batch / 1e9:.3g}")

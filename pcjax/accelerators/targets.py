@@ -75,6 +75,31 @@ CHIPS: dict[str, Chip] = {
     ),
 }
 
+# JAX's GPU client preallocates this share of a GPU's memory as its pool unless the environment
+# names another (jax's "GPU memory allocation" page); XLA:GPU also aims its own rematerialisation
+# at about three quarters of the device. TPUs need no such share: their compiler checks the
+# program against the chip's HBM itself.
+GPU_MEMORY_FRACTION = 0.75
+_FRACTION_VARS = ("XLA_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_MEM_FRACTION")
+
+
+def usable_bytes(chip: Chip, environ=os.environ) -> float:
+    """The memory one process may fill: a TPU's HBM; on a GPU, JAX's default pool (75 %, or the
+    fraction `XLA_CLIENT_MEM_FRACTION` / `XLA_PYTHON_CLIENT_MEM_FRACTION` sets)."""
+    if chip.platform != "gpu":
+        return chip.hbm_bytes
+    name = next((v for v in _FRACTION_VARS if environ.get(v)), None)
+    if name is None:
+        return GPU_MEMORY_FRACTION * chip.hbm_bytes
+    try:
+        fraction = float(environ[name])
+    except ValueError:
+        fraction = -1.0
+    if not 0 < fraction <= 1:
+        raise ValueError(f"{name}={environ[name]!r}: a fraction of GPU memory in (0, 1] is needed.")
+    return fraction * chip.hbm_bytes
+
+
 # Standard slice shapes (chips along each axis) per TPU generation.
 _SHAPES_2D = ("2x2", "4x4", "4x8", "8x8", "8x16", "16x16")
 _SHAPES_3D = (
