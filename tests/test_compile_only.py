@@ -154,6 +154,33 @@ def test_largest_fitting_batch_agrees_with_a_linear_scan():
             assert len(calls) <= 3 * int(np.log2(expected)) + 4
 
 
+def test_largest_fitting_batch_copes_with_memory_that_is_not_smooth():
+    """Compiled memory jumps with tiles and fusion choices (up to 8 images' worth here, not
+    monotone): lines are drawn between points far apart, so a search from the paper's batch
+    takes a handful of compiles, not dozens."""
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        base, slope = rng.uniform(0, 100), rng.uniform(0.1, 10)
+        capacity = rng.uniform(base + 200 * slope, base + 20000 * slope)
+        wobble = rng.uniform(0, 8) * slope
+        noise = rng.uniform(0, 1, 1 << 17)
+
+        def need(b, base=base, slope=slope, wobble=wobble, noise=noise):
+            return base + slope * b + wobble * noise[b]
+
+        calls = []
+
+        def fits(b, need=need, capacity=capacity, calls=calls):
+            calls.append(b)
+            return need(b) <= capacity, need(b)
+
+        start = int(rng.integers(1, 64))
+        got = compile_only.largest_fitting_batch(fits, capacity, start, need(start))
+        assert need(got) <= capacity < need(got + 1)
+        assert got + 1 in calls  # both ends compiled
+        assert len(calls) <= 12, calls
+
+
 # Its search compiles programs just under a v5e's 16 GiB (45 minutes on a 2-core CPU shared with
 # other compiles): outside `make test`, run by `make test-heavy`.
 @pytest.mark.heavy

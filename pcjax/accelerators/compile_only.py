@@ -256,22 +256,25 @@ def largest_fitting_batch(
     fits (0: nothing known) and `hi` does not (None: nothing known).
 
     `fits(b)` compiles at b: (fits, bytes it needs or None). Memory grows about linearly with
-    the batch, so a try aims where the line through the two nearest known points reaches
-    `capacity` (doubling while only one point is known), and a fitting aim is confirmed by
-    trying one more; two aims in a row that do not halve the bracket are followed by a
-    bisection. Ends with b fitting and b + 1 not, both compiled.
+    the batch but not smoothly (tiles, changed fusions), so lines are drawn between points far
+    apart: while nothing is known not to fit, the try aims where the line from the first
+    fitting point through the latest reaches `capacity`, and at least doubles; once bracketed,
+    it aims along the line through the bracket's ends. A fitting aim is confirmed by trying one
+    more; two tries in a row that do not halve the bracket are followed by a bisection. Ends
+    with b fitting and b + 1 not, both compiled.
     """
     if lo < 1:
         ok, lo_bytes = fits(1)
         if not ok:
             return 0
         lo = 1
-    below, step, slow = None, "aim", 0
+    first, step, slow = (lo, lo_bytes), "aim", 0
     while hi is None or hi - lo > 1:
         if step == "confirm":
             guess = lo + 1
         elif hi is None:
-            guess = (_aim(below, (lo, lo_bytes), capacity) if below else None) or 2 * lo
+            aim = _aim(first, (lo, lo_bytes), capacity) if lo > first[0] else None
+            guess = max(aim or 0, 2 * lo)
         elif step == "bisect":
             guess = (lo + hi) // 2
         else:
@@ -279,12 +282,13 @@ def largest_fitting_batch(
         guess = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
         width = None if hi is None else hi - lo
         ok, used = fits(guess)
+        aimed = step == "aim" and guess > 2 * lo if hi is None else step == "aim"
         if ok:
-            below, lo, lo_bytes = (lo, lo_bytes), guess, used
+            lo, lo_bytes = guess, used
         else:
             hi, hi_bytes = guess, used
         slow = slow + 1 if width is not None and (hi - lo) * 2 > width else 0
-        step = "confirm" if ok and step == "aim" else "bisect" if slow >= 2 else "aim"
+        step = "confirm" if ok and aimed else "bisect" if slow >= 2 else "aim"
         slow = 0 if step == "bisect" else slow
     return lo
 
