@@ -43,6 +43,8 @@ TARGETS = ("v5e-8", "v5e-256", "v4-32", "v5p-128", "v6e-8", "h200-8")
 SEARCH_ON = {"v5e": "v5e-8", "v6e": "v6e-8", "v4": "v4-8", "v5p": "v5p-8", "h200": "h200-8"}
 # Training images/s per host core of pcjax's input pipeline (docs/benchmarks/input_pipeline.md).
 PIPELINE_PER_CORE = {"cifar10": 6446, "imagenet2012": 385}
+# One row per compile. `fits` is the compiler's answer; a GPU row's program is held against the
+# usable memory (`targets.usable_bytes`) each time it is read, so it may still not fit.
 FIELDS = (
     "target", "key", "preset", "per_chip_batch", "fits", "argument_bytes", "output_bytes",
     "alias_bytes", "temp_bytes", "code_bytes", "flops", "bytes_accessed", "compiler_seconds",
