@@ -252,8 +252,9 @@ def largest_fitting_batch(
     hi: int | None = None,
     hi_bytes: float | None = None,
 ) -> int:
-    """The largest per-device batch b with `fits(b)` (0 if 1 does not fit), knowing that `lo`
-    fits (0: nothing known) and `hi` does not (None: nothing known).
+    """A per-device batch b with `fits(b)` and not `fits(b + 1)`: the largest that fits where
+    memory grows with the batch (0 if 1 does not fit), knowing that `lo` fits (0: nothing
+    known) and `hi` does not (None: nothing known).
 
     `fits(b)` compiles at b: (fits, bytes it needs or None). Memory grows about linearly with
     the batch but not smoothly (tiles, changed fusions), so lines are drawn between points far
