@@ -144,20 +144,22 @@ def test_largest_fitting_batch_agrees_with_a_linear_scan():
             continue
         expected = max([b for b in range(1, failed) if need(b) <= capacity], default=0)
         got = compile_only.largest_fitting_batch(fits, capacity, hi=failed, hi_bytes=need(failed))
-        assert got == expected
+        assert got <= expected <= got + compile_only.margin(got)  # within 1 %
+        assert got == 0 or need(got) <= capacity
         assert len(calls) <= 2 * int(np.log2(failed)) + 3
         calls.clear()
         if expected > 1:  # from a batch that fits, upper end unknown
             start = int(rng.integers(1, expected + 1))
             got = compile_only.largest_fitting_batch(fits, capacity, start, need(start))
-            assert got == expected
+            assert got <= expected <= got + compile_only.margin(got)
+            assert need(got) <= capacity
             assert len(calls) <= 3 * int(np.log2(expected)) + 4
 
 
 def test_largest_fitting_batch_copes_with_memory_that_is_not_smooth():
     """Compiled memory jumps with tiles and fusion choices (up to 8 images' worth here, not
-    monotone): lines are drawn between points far apart, so a search from the paper's batch
-    takes a handful of compiles, not dozens."""
+    monotone): lines are drawn between points far apart and the limit is bracketed to 1 %, so
+    a search from the paper's batch takes a handful of compiles, not dozens."""
     rng = np.random.default_rng(1)
     for _ in range(100):
         base, slope = rng.uniform(0, 100), rng.uniform(0.1, 10)
@@ -176,9 +178,10 @@ def test_largest_fitting_batch_copes_with_memory_that_is_not_smooth():
 
         start = int(rng.integers(1, 64))
         got = compile_only.largest_fitting_batch(fits, capacity, start, need(start))
-        assert need(got) <= capacity < need(got + 1)
-        assert got + 1 in calls  # both ends compiled
-        assert len(calls) <= 12, calls
+        assert need(got) <= capacity
+        above = [b for b in calls if got < b <= got + compile_only.margin(got)]
+        assert above and need(min(above)) > capacity  # the other end, compiled, does not fit
+        assert len(calls) <= 9, calls
 
 
 # Its search compiles programs just under a v5e's 16 GiB (45 minutes on a 2-core CPU shared with
@@ -200,7 +203,9 @@ def test_out_of_memory_is_one_line_with_a_batch_that_fits():
     report, _, _ = compile_only.compile_step(config, setup, "train", per_device_batch=best)
     assert report.total_bytes <= targets.CHIPS["v5e"].hbm_bytes
     with pytest.raises(compile_only.DoesNotFit):
-        compile_only.compile_step(config, setup, "train", per_device_batch=best + 1)
+        compile_only.compile_step(
+            config, setup, "train", per_device_batch=best + compile_only.margin(best)
+        )
 
 
 def test_local_devices_compile_and_run_the_step():
@@ -327,6 +332,6 @@ def test_gpu_out_of_memory_is_judged_against_the_pool_a_process_gets(monkeypatch
     assert 1 <= best < config.data.global_batch_size
     fitting, _, _ = compile_only.compile_step(config, setup, "train", per_device_batch=best)
     assert fitting.total_bytes <= usable
-    with pytest.raises(compile_only.DoesNotFit) as over:
+    with pytest.raises(compile_only.DoesNotFit) as over:  # below 100, the margin is 1 image
         compile_only.compile_step(config, setup, "train", per_device_batch=best + 1)
     assert over.value.args[0] > usable == over.value.args[1]

@@ -244,6 +244,11 @@ def _aim(p: tuple, q: tuple, capacity: float | None) -> int | None:
     return b0 + int((capacity - m0) * (b1 - b0) / (m1 - m0))
 
 
+def margin(batch: int) -> int:
+    """How close `largest_fitting_batch` brackets the limit: 1 % of the batch, at least 1."""
+    return max(1, batch // 100)
+
+
 def largest_fitting_batch(
     fits: Callable[[int], tuple[bool, float | None]],
     capacity: float | None,
@@ -252,17 +257,18 @@ def largest_fitting_batch(
     hi: int | None = None,
     hi_bytes: float | None = None,
 ) -> int:
-    """A per-device batch b with `fits(b)` and not `fits(b + 1)`: the largest that fits where
-    memory grows with the batch (0 if 1 does not fit), knowing that `lo` fits (0: nothing
-    known) and `hi` does not (None: nothing known).
+    """A per-device batch b with `fits(b)` and some b' <= b + `margin(b)` (1 % of b, at least
+    one) with not `fits(b')`: the largest that fits to within 1 % where memory grows with the
+    batch (0 if 1 does not fit), knowing that `lo` fits (0: nothing known) and `hi` does not
+    (None: nothing known).
 
     `fits(b)` compiles at b: (fits, bytes it needs or None). Memory grows about linearly with
     the batch but not smoothly (tiles, changed fusions), so lines are drawn between points far
     apart: while nothing is known not to fit, the try aims where the line from the first
     fitting point through the latest reaches `capacity`, and at least doubles; once bracketed,
-    it aims along the line through the bracket's ends. A fitting aim is confirmed by trying one
-    more; two tries in a row that do not halve the bracket are followed by a bisection. Ends
-    with b fitting and b + 1 not, both compiled.
+    it aims along the line through the bracket's ends. A fitting aim is confirmed by trying
+    `margin` more; two tries in a row that do not halve the bracket are followed by a
+    bisection. Both ends are compiled.
     """
     if lo < 1:
         ok, lo_bytes = fits(1)
@@ -270,9 +276,9 @@ def largest_fitting_batch(
             return 0
         lo = 1
     first, step, slow = (lo, lo_bytes), "aim", 0
-    while hi is None or hi - lo > 1:
+    while hi is None or hi - lo > margin(lo):
         if step == "confirm":
-            guess = lo + 1
+            guess = lo + margin(lo)
         elif hi is None:
             aim = _aim(first, (lo, lo_bytes), capacity) if lo > first[0] else None
             guess = max(aim or 0, 2 * lo)
@@ -327,8 +333,9 @@ def _oom_answer(config, setup: Setup, which: str, error: DoesNotFit) -> str:
     if best == 0:
         answer = "not even a batch of 1 per device fits"
     else:
+        within = " to within 1 %" if margin(best) > 1 else ""
         answer = (
-            f"the largest per-device batch that fits is {best} "
+            f"the largest per-device batch that fits is {best}{within} "
             f"(--config.data.{'global' if which == 'train' else 'eval_global'}_batch_size="
             f"{best * setup.mesh.size})"
         )
