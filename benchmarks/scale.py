@@ -253,13 +253,13 @@ CIFAR-10 6446). HBM per chip: the compiled program's arguments, outputs and temp
 share of what one process may use: a TPU's HBM, which its compiler checks; on a GPU, whose
 compiler does not, JAX's default memory pool of 75 % of the datasheet's HBM (the share
 `XLA_CLIENT_MEM_FRACTION` changes). Largest per-chip batch: a batch that compiles and fits that
-memory while one image more does not (compiled memory is not quite monotone in the batch), found
-by compiling on the generation's one-host slice (v5e-8, v6e-8, v4-8, v5p-8, h200-8; the per-chip
-program differs between slice sizes only in its all-reduce); "not searched yet" where those
-compiles have not been run (3 to 6 per cell, each 2 to 30 minutes on a 2-core machine for TPUs).
-v4 and v5p names count TensorCores (two per chip), v5e and v6e names count chips. GPU rows: the
-CUDA compiler reports no cost analysis, so XLA's HLO cost analysis counts the FLOPs on the
-lowered program and the bytes on the GPU-optimised one; the rates measured on a real H200
+memory while one at most 1 % larger does not (compiled memory is not quite monotone in the
+batch), found by compiling on the generation's one-host slice (v5e-8, v6e-8, v4-8, v5p-8,
+h200-8; the per-chip program differs between slice sizes only in its all-reduce); "not searched
+yet" where those compiles have not been run (4 to 9 per cell, each 1 to 30 minutes on a 2-core
+machine). v4 and v5p names count TensorCores (two per chip), v5e and v6e names count chips. GPU
+rows: the CUDA compiler reports no cost analysis, so XLA's HLO cost analysis counts the FLOPs on
+the lowered program and the bytes on the GPU-optimised one; the rates measured on a real H200
 ("Measured on one H200" below) are the figures to plan with. Every compile is cached in
 docs/scale.csv under a hash of its lowered program; `--nocompile` rewrites this table from that
 cache alone."""
