@@ -22,8 +22,8 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	  echo "creating $(VENV) with $$py"; rm -rf $(VENV); $$py -m venv $(VENV) || exit 1; \
 	fi
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
-	$(PY) -m pip install -e '.[test,tpu]'
+	# One pip run for the pins and the package: a second run re-resolves every dependency.
+	$(PY) -m pip install -r requirements.txt -e '.[test,tpu]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,11 +16,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One compilation cache for the session, shared by the xdist workers and the subprocesses the
 # tests launch (they inherit the environment): the same small programs are compiled by many
 # tests and by every process of a multi-process or resumed run. A fresh directory per session,
-# so nothing carries over between runs; a user's own cache directory is kept.
+# so nothing carries over between runs; a user's own cache directory is kept. Every program is
+# cached, however quick its compile: most are small (tens of milliseconds each, thousands per
+# run) and recur across tests, workers and processes, and reading one back costs less than
+# compiling it (README.md, "Tests").
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pcjax-test-compile-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_collection_modifyitems(config, items):
