@@ -13,6 +13,10 @@ PYTEST_ARGS ?=
 # train-step and per-block benchmarks set their own (benchmarks/host_memory.py); the trainer
 # leaves host memory alone.
 HOST_ENV ?= GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+# uv (installed into .venv by pip) resolves and installs the dependencies in seconds where pip
+# takes a minute or more. It reads its own settings (UV_INDEX_URL, ...), not pip.conf: where
+# packages must come from a mirror configured for pip, `make INSTALLER=pip install`.
+INSTALLER ?= uv
 
 .PHONY: install test test-heavy test-fast quickstart bench lint clean
 
@@ -21,9 +25,14 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	  py=$$(sh tools/find_python.sh) || exit 1; \
 	  echo "creating $(VENV) with $$py"; rm -rf $(VENV); $$py -m venv $(VENV) || exit 1; \
 	fi
-	$(PY) -m pip install --upgrade pip
-	# One pip run for the pins and the package: a second run re-resolves every dependency.
-	$(PY) -m pip install -r requirements.txt -e '.[test,tpu]'
+	# One run for the pins and the package: a second run re-resolves every dependency.
+	@if [ "$(INSTALLER)" = uv ]; then \
+	  $(PY) -m pip install --quiet uv && \
+	  $(PY) -m uv pip install --python $(PY) -r requirements.txt -e '.[test,tpu]'; \
+	else \
+	  $(PY) -m pip install --upgrade pip && \
+	  $(PY) -m pip install -r requirements.txt -e '.[test,tpu]'; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)
