@@ -180,8 +180,8 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     cache = CsvCache(_CSV.value, search, preset, False, _COMPILE.value)
     fits = compile_only.fits_function(config, setup, "train", cache)
     start = max(1, config.data.global_batch_size // setup.mesh.size)
-    ok, used = fits(start)
-    capacity = targets.usable_bytes(target.chip)
+    ok, used, available = fits(start)
+    capacity = available or targets.usable_bytes(target.chip)
     if ok:
         return compile_only.largest_fitting_batch(fits, capacity, start, used)
     return compile_only.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)

@@ -250,7 +250,7 @@ def margin(batch: int) -> int:
 
 
 def largest_fitting_batch(
-    fits: Callable[[int], tuple[bool, float | None]],
+    fits: Callable[[int], tuple[bool, float | None, float | None]],
     capacity: float | None,
     lo: int = 0,
     lo_bytes: float | None = None,
@@ -262,7 +262,9 @@ def largest_fitting_batch(
     batch (0 if 1 does not fit), knowing that `lo` fits (0: nothing known) and `hi` does not
     (None: nothing known).
 
-    `fits(b)` compiles at b: (fits, bytes it needs or None). Memory grows about linearly with
+    `fits(b)` compiles at b: (fits, bytes it needs or None, bytes available or None). The
+    available bytes a compiler states when it refuses a program replace `capacity` (a
+    datasheet's figure) from then on. Memory grows about linearly with
     the batch but not smoothly (tiles, changed fusions), so lines are drawn between points far
     apart: while nothing is known not to fit, the try aims where the line from the first
     fitting point through the latest reaches `capacity`, and at least doubles; once bracketed,
@@ -271,7 +273,7 @@ def largest_fitting_batch(
     bisection. Both ends are compiled.
     """
     if lo < 1:
-        ok, lo_bytes = fits(1)
+        ok, lo_bytes, _ = fits(1)
         if not ok:
             return 0
         lo = 1
@@ -288,7 +290,8 @@ def largest_fitting_batch(
             guess = _aim((lo, lo_bytes), (hi, hi_bytes), capacity) or (lo + hi) // 2
         guess = max(guess, lo + 1) if hi is None else min(max(guess, lo + 1), hi - 1)
         width = None if hi is None else hi - lo
-        ok, used = fits(guess)
+        ok, used, available = fits(guess)
+        capacity = available or capacity
         aimed = step == "aim" and guess > 2 * lo if hi is None else step == "aim"
         if ok:
             lo, lo_bytes = guess, used
@@ -304,15 +307,16 @@ def fits_function(
     config, setup: Setup, which: str, cache: Any = None
 ) -> Callable[[int], tuple[bool, float | None]]:
     """`fits(per_device_batch)` for `largest_fitting_batch`: compiles the step and returns
-    (fits, bytes) in the measure the compiler checks (TPU: temporaries; else: the total)."""
+    (fits, bytes, available) in the measure the compiler checks (TPU: temporaries; else: the
+    total), available where a refusal states it."""
     tpu = setup.mesh.devices.flat[0].platform == "tpu"
 
-    def fits(b: int) -> tuple[bool, float | None]:
+    def fits(b: int) -> tuple[bool, float | None, float | None]:
         try:
             report, _, _ = compile_step(config, setup, which, b, cache)
-            return True, report.temp_bytes if tpu else report.total_bytes
+            return True, report.temp_bytes if tpu else report.total_bytes, None
         except DoesNotFit as oom:
-            return False, oom.args[0]
+            return False, oom.args[0], oom.args[1]
 
     return fits
 
