@@ -124,6 +124,14 @@ def _assert_close_to_oracle(got, want, x):
 # Oracle comparisons.
 # --------------------------------------------------------------------------------------------
 
+# The transform under test, compiled once per shape and static arguments: run op by op, each
+# call compiles a dozen small XLA programs (eager equals jit: `test_jit_matches_eager`).
+_transform = jax.jit(
+    wavelets.wavelet_transform,
+    static_argnums=(1, 2, 3),
+    static_argnames=("guard_gradients", "precision", "full_angles", "backend"),
+)
+
 SIZES = [(8, 8), (9, 9), (16, 16), (7, 10)]
 CASES = [(size, 4) for size in SIZES] + [((9, 9), 8), ((7, 10), 8), ((8, 8), 8)]
 
@@ -135,7 +143,7 @@ def test_transform_matches_oracle(size, L, mode, complex_input):
     x = _random_input((2, *size, 3), complex_input)
     want_phi, want_psi = _oracle_transform(x, L, mode)
     for method in ("fft", "spatial"):
-        phi, psi = wavelets.wavelet_transform(jnp.asarray(x), L, mode, method)
+        phi, psi = _transform(jnp.asarray(x), L, mode, method)
         assert psi.shape == want_psi.shape and psi.dtype == jnp.complex64, method
         assert phi.shape == want_phi.shape, method
         if complex_input:
@@ -270,7 +278,7 @@ def test_every_paper_block_matches_oracle(size, mode, L, real_input, method):
     x = _random_input((1, size, size, 2), not real_input, seed=size)
     oracle = _oracle_transform if size <= 16 else _oracle_transform_fft
     want_phi, want_psi = oracle(x, L, mode)
-    phi, psi = wavelets.wavelet_transform(jnp.asarray(x), L, mode, method, precision="highest")
+    phi, psi = _transform(jnp.asarray(x), L, mode, method, precision="highest")
     assert phi.shape == want_phi.shape and psi.shape == want_psi.shape
     _assert_close_to_oracle(phi, want_phi, x)
     _assert_close_to_oracle(psi, want_psi, x)
@@ -419,7 +427,7 @@ def test_grad_matches_float64_finite_differences(mode, complex_input, method):
             jnp.real(w_phi.astype(np.complex64) * phi)
         )
 
-    g = np.asarray(jax.grad(loss_jax)(jnp.asarray(x))).astype(np.complex128)
+    g = np.asarray(jax.jit(jax.grad(loss_jax))(jnp.asarray(x))).astype(np.complex128)
     rng = np.random.default_rng(9)
     v = rng.standard_normal(x.shape)
     if complex_input:
