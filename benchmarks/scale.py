@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from benchmarks import common  # noqa: E402
-from pcjax.accelerators import compile_only, compile_report, targets  # noqa: E402
+from pcjax.accelerators import batch_search, compile_only, compile_report, targets  # noqa: E402
 from pcjax.configs import cifar10, imagenet  # noqa: E402
 from pcjax.data import datasets  # noqa: E402
 
@@ -183,8 +183,8 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     ok, used, available = fits(start)
     capacity = available or targets.usable_bytes(target.chip)
     if ok:
-        return compile_only.largest_fitting_batch(fits, capacity, start, used)
-    return compile_only.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)
+        return batch_search.largest_fitting_batch(fits, capacity, start, used)
+    return batch_search.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)
 
 
 def _duration(hours: float) -> str:
