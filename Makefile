@@ -22,19 +22,20 @@ INSTALLER ?= uv
 
 .PHONY: install test test-heavy test-fast quickstart bench lint clean
 
+# One install run for the pins and the package: a second run re-resolves every dependency.
 $(STAMP): requirements.txt setup.cfg pyproject.toml
 	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then \
 	  py=$$(sh tools/find_python.sh) || exit 1; \
 	  echo "creating $(VENV) with $$py"; rm -rf $(VENV); $$py -m venv $(VENV) || exit 1; \
 	fi
-	# One run for the pins and the package: a second run re-resolves every dependency.
-	@if [ "$(INSTALLER)" = uv ]; then \
-	  $(PY) -m pip install --quiet uv && \
-	  $(PY) -m uv pip install --compile-bytecode --python $(PY) -r requirements.txt -e '.[test,tpu]'; \
-	else \
-	  $(PY) -m pip install --upgrade pip && \
-	  $(PY) -m pip install -r requirements.txt -e '.[test,tpu]'; \
-	fi
+	@case "$(INSTALLER)" in \
+	  uv) $(PY) -m pip install --quiet uv && \
+	      $(PY) -m uv pip install --compile-bytecode --python $(PY) \
+	        -r requirements.txt -e '.[test,tpu]' ;; \
+	  pip) $(PY) -m pip install --upgrade pip && \
+	       $(PY) -m pip install -r requirements.txt -e '.[test,tpu]' ;; \
+	  *) echo "INSTALLER=$(INSTALLER): valid choices are uv and pip" >&2; exit 1 ;; \
+	esac
 	touch $(STAMP)
 
 install: $(STAMP)
