@@ -177,6 +177,9 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     """The largest per-chip batch on the generation's one-host slice, from the paper's."""
     search = SEARCH_ON[target.chip.generation]
     setup = _setups(setups, search)
+    cached = _cached_largest(config, setup, CsvCache(_CSV.value, search, preset, False, False))
+    if cached is not None:
+        return cached
     cache = CsvCache(_CSV.value, search, preset, False, _COMPILE.value)
     fits = compile_only.fits_function(config, setup, "train", cache)
     start = max(1, config.data.global_batch_size // setup.mesh.size)
@@ -185,6 +188,25 @@ def _largest(config, preset: str, target: targets.Target, setups: dict) -> int:
     if ok:
         return batch_search.largest_fitting_batch(fits, capacity, start, used)
     return batch_search.largest_fitting_batch(fits, capacity, hi=start, hi_bytes=used)
+
+
+def _cached_largest(config, setup, cache: CsvCache) -> int | None:
+    """The largest batch read off the cache, whatever path the search that compiled it took: a
+    batch that fits next to one at most 1 % larger that does not, both compiled from this code
+    (their lowered programs' hashes are in the cache); None if the cache holds no such pair."""
+    fits = compile_only.fits_function(config, setup, "train", cache)
+    rows = [r for r in cache.rows() if r["target"] == cache.target and r["preset"] == cache.preset]
+    batches = sorted({int(r["per_chip_batch"]) for r in rows}, reverse=True)
+    for low in batches:
+        above = [b for b in batches if low < b <= low + batch_search.margin(low)]
+        if not above:
+            continue
+        try:
+            if fits(low)[0] and any(not fits(b)[0] for b in above):
+                return low
+        except NotCompiled:  # compiled from other code than this
+            continue
+    return None
 
 
 def _duration(hours: float) -> str:
@@ -254,7 +276,8 @@ share of what one process may use: a TPU's HBM, which its compiler checks; on a 
 compiler does not, JAX's default memory pool of 75 % of the datasheet's HBM (the share
 `XLA_CLIENT_MEM_FRACTION` changes). Largest per-chip batch: a batch that compiles and fits that
 memory while one at most 1 % larger does not (compiled memory is not quite monotone in the
-batch), found by compiling on the generation's one-host slice (v5e-8, v6e-8, v4-8, v5p-8,
+batch: the largest such pair among the cached compiles), found by compiling on the generation's
+one-host slice (v5e-8, v6e-8, v4-8, v5p-8,
 h200-8; the per-chip program differs between slice sizes only in its all-reduce); "not searched
 yet" where those compiles have not been run (4 to 9 per cell, each 1 to 30 minutes on a 2-core
 machine). v4 and v5p names count TensorCores (two per chip), v5e and v6e names count chips. GPU
