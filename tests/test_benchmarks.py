@@ -1,5 +1,6 @@
 """The benchmark package: shared report, per-row process environment, tables, quick modes."""
 
+import csv
 import os
 import subprocess
 import sys
@@ -308,3 +309,33 @@ def test_scale_cache_round_trips_and_nocompile_reports_a_miss(tmp_path):
     assert frozen.get("k1").flops == report.flops
     with pytest.raises(scale.NotCompiled):
         frozen.get("k3")
+
+
+def test_scale_reads_the_largest_batch_off_its_cache(tmp_path, monkeypatch):
+    """The table's largest batch is a cached fitting compile next to one at most 1 % larger
+    that does not, whatever order they were compiled in; rows compiled from other code (their
+    hash not found for this program) are passed over."""
+    from benchmarks import scale
+
+    path = str(tmp_path / "scale.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, scale.FIELDS)
+        writer.writeheader()
+        for batch, fits in [(500, 1), (990, 1), (1000, 0), (980, 1), (989, 0), (700, 1)]:
+            writer.writerow({"target": "v5e-8", "key": f"k{batch}", "preset": "p",
+                             "per_chip_batch": batch, "fits": fits})  # fmt: skip
+    stale = {990}  # compiled from other code: this program's hash is not in the cache
+
+    def fits_function(config, setup, which, cache):
+        def fits(b):
+            if b in stale:
+                raise scale.NotCompiled(b)
+            return b in (500, 700, 980), None, None
+
+        return fits
+
+    monkeypatch.setattr(scale.compile_only, "fits_function", fits_function)
+    cache = scale.CsvCache(path, "v5e-8", "p", fresh=False, compile_missing=False)
+    assert scale._cached_largest(None, None, cache) == 980  # 989 does not fit; 990 is stale
+    stale.add(989)
+    assert scale._cached_largest(None, None, cache) is None  # no pair within 1 % is left
