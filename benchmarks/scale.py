@@ -196,8 +196,9 @@ def _cached_largest(config, setup, cache: CsvCache) -> int | None:
     (their lowered programs' hashes are in the cache); None if the cache holds no such pair."""
     fits = compile_only.fits_function(config, setup, "train", cache)
     rows = [r for r in cache.rows() if r["target"] == cache.target and r["preset"] == cache.preset]
-    batches = sorted({int(r["per_chip_batch"]) for r in rows}, reverse=True)
-    for low in batches:
+    batches = {int(r["per_chip_batch"]) for r in rows}
+    # Only a batch some compile fitted can be the answer: the others are not lowered again.
+    for low in sorted({int(r["per_chip_batch"]) for r in rows if r["fits"] == "1"}, reverse=True):
         above = [b for b in batches if low < b <= low + batch_search.margin(low)]
         if not above:
             continue
