@@ -52,7 +52,7 @@ def block_inputs(spec: str, batch: int, wavelet_method: str, precision: str = "h
     config, image_shape = common.load_config(spec)
     config.model.wavelet_method = wavelet_method
     config.model.precision = precision
-    net = schema.build_model(config)
+    net = schema.build_model(config, backend="tpu")
     x = jax.ShapeDtypeStruct((batch, *image_shape), jnp.float32)
     out = []
     for b, kwargs in enumerate(net.block_kwargs()):
@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--config", default="imagenet:mod/rho_psi", help="dataset:preset")
     parser.add_argument("--blocks", type=int, nargs="*", help="default: all")
     parser.add_argument("--batch", type=int, default=16, help="images per chip")
-    parser.add_argument("--wavelet-method", default="matmul")
+    parser.add_argument("--wavelet-method", default="matmul", choices=("matmul", "pallas", "fft"))
     parser.add_argument("--precision", default="highest", choices=complex_ops.PRECISIONS)
     parser.add_argument("--stages", action="store_true")
     args = parser.parse_args()

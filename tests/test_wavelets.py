@@ -142,7 +142,7 @@ CASES = [(size, 4) for size in SIZES] + [((9, 9), 8), ((7, 10), 8), ((8, 8), 8)]
 def test_transform_matches_oracle(size, L, mode, complex_input):
     x = _random_input((2, *size, 3), complex_input)
     want_phi, want_psi = _oracle_transform(x, L, mode)
-    for method in ("fft", "spatial"):
+    for method in ("fft", "spatial", "pallas"):
         phi, psi = _transform(jnp.asarray(x), L, mode, method)
         assert psi.shape == want_psi.shape and psi.dtype == jnp.complex64, method
         assert phi.shape == want_phi.shape, method
@@ -212,7 +212,7 @@ def test_coefficients_layout_matches_transform(method, complex_input):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["spatial", "matmul"])
+@pytest.mark.parametrize("method", ["spatial", "matmul", "pallas"])
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
 @pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
 def test_matmul_methods_equal_fft(mode, complex_input, method):
@@ -265,7 +265,7 @@ IMAGENET_BLOCKS = [
 ]
 
 
-@pytest.mark.parametrize("method", ["fft", "spatial", "matmul"])
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul", "pallas"])
 @pytest.mark.parametrize(
     "size,mode,L,real_input",
     CIFAR_BLOCKS + IMAGENET_BLOCKS,
@@ -307,10 +307,27 @@ def test_axis_matrices_fold_padding_and_decimation():
         ((9, 9), "cpu", "fft"),
         ((9, 9), "gpu", "fft"),
         ((9, 9), "tpu", "matmul"),
+        ((28, 28), "tpu", "matmul"),
+        ((224, 224), "tpu", "matmul"),
     ],
 )
 def test_auto_method_per_backend(size, backend, resolved):
     assert wavelets.choose_method(*size, "auto", backend=backend) == resolved
+
+
+@pytest.mark.parametrize(
+    "size,backend,resolved",
+    [
+        ((14, 14), "tpu", "matmul"),
+        ((28, 28), "tpu", "pallas"),
+        ((224, 224), "tpu", "pallas"),
+        ((224, 224), "gpu", "fft"),
+        ((28, 28), "cpu", "fft"),
+    ],
+)
+def test_auto_method_for_a_block_that_keeps_only_moduli(size, backend, resolved):
+    """The kernel where the block needs only the moduli of its wavelets, on TPU, from 28x28."""
+    assert wavelets.choose_method(*size, "auto", backend, moduli_only=True) == resolved
 
 
 @pytest.mark.parametrize("size,resolved", [((8, 8), "spatial"), ((9, 9), "fft")])

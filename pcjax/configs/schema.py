@@ -53,7 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model.gain_init = config_dict.placeholder(float)
     cfg.model.bias_init = config_dict.placeholder(float)
     cfg.model.learn_nonlinearity = True  # False: the initial values stay fixed
-    cfg.model.wavelet_method = "auto"  # "fft" | "spatial" | "matmul" | "auto" (same numbers)
+    # "fft" | "spatial" | "matmul" | "pallas" | "auto" (same numbers; auto by size and backend)
+    cfg.model.wavelet_method = "auto"
     # Every matmul of the model: "highest" (float32 products on every backend), "default" (the
     # backend's: TF32 on GPUs, one bf16 pass on TPUs) or "bf16" (bf16 operands, float32 sums).
     cfg.model.precision = "highest"

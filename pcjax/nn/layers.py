@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import complex_ops, nonlinear, wavelets
+from pcjax.nn import complex_ops, nonlinear, wavelet_kernel, wavelets
 
 BLOCK_TYPES = ("rho_psi", "linear_plus_rho")
 PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.nn.complex_ops`
@@ -231,21 +231,8 @@ class PhaseCollapseBlock(nn.Module):
                 params[name] = init[name]
         return nonlinear.apply_complex_nonlinearity(self.nonlinearity, z, **params)
 
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        if self.block_type not in BLOCK_TYPES:
-            raise ValueError(
-                f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
-            )
-        complex_ops.check_precision(self.precision)
-        # The matmul wavelet path (TPUs) runs channel-major, the layout its matmuls want, and
-        # so does the rest of the block (statistics and projection contract or reduce over
-        # the spatial axes there); the other paths stay channels-last.
-        channel_major = (
-            x.ndim == 4
-            and wavelets.choose_method(x.shape[1], x.shape[2], self.wavelet_method, self.backend)
-            == "matmul"
-        )
+    def _parts(self, x: jax.Array, channel_major: bool) -> list[jax.Array]:
+        """R(W U) as channel segments: [phi, rho(psi)] or [phi, psi, rho([phi; psi])]."""
         axis = 1 if channel_major else -1
         transform = (
             wavelets.wavelet_transform_channel_major
@@ -264,16 +251,57 @@ class PhaseCollapseBlock(nn.Module):
         if channel_major:  # psi: [b, c, L, h', w'] -> rho -> [b, c L, h', w']
             flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
             if self.block_type == "rho_psi":
-                parts = [phi, flat(self._rho(psi, axis, psi.shape[1:3]))]
-            else:
-                w = jnp.concatenate([phi.astype(jnp.complex64), flat(psi)], axis=axis)
-                parts = [phi, flat(psi), self._rho(w, axis)]
+                return [phi, flat(self._rho(psi, axis, psi.shape[1:3]))]
+            psi = flat(psi)
         elif self.block_type == "rho_psi":
-            parts = [phi, self._rho(psi)]
+            return [phi, self._rho(psi)]
+        # rho sees the complex concatenation [phi ; psi], as in the reference.
+        w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=axis)
+        return [phi, psi, self._rho(w, axis)]
+
+    def _kernel_parts(self, x: jax.Array) -> list[jax.Array]:
+        """R(W U) of the modulus, channel-major, with the moduli computed in the transform's
+        kernel (`wavelet_kernel`): the complex wavelets reach HBM only where the block keeps
+        them (linear_plus_rho)."""
+        keep_psi = self.block_type == "linear_plus_rho"
+        phi, psi, mod_phi, mod_psi = wavelet_kernel.coefficients(
+            wavelets.zero_nonfinite_grad(jnp.moveaxis(x, -1, 1)),
+            self.num_angles,
+            self.filter_mode,
+            self.precision,
+            self.full_angles,
+            wavelet_kernel.Outputs(psi=keep_psi, mod_phi=keep_psi, mod_psi=True),
+            interpret=(self.backend or jax.default_backend()) != "tpu",
+        )
+        flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
+        if not keep_psi:
+            return [phi, flat(mod_psi)]
+        return [phi, flat(psi), jnp.concatenate([mod_phi, flat(mod_psi)], axis=1)]
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        if self.block_type not in BLOCK_TYPES:
+            raise ValueError(
+                f"Unknown block_type {self.block_type!r}; valid choices: {BLOCK_TYPES}."
+            )
+        complex_ops.check_precision(self.precision)
+        # The matmul and Pallas wavelet paths (TPUs) run channel-major, the layout their
+        # matmuls want, and so does the rest of the block (statistics and projection contract
+        # or reduce over the spatial axes there); the other paths stay channels-last.
+        moduli_only = self.block_type == "rho_psi" and self.nonlinearity == "mod"
+        method = (
+            wavelets.choose_method(
+                x.shape[1], x.shape[2], self.wavelet_method, self.backend, moduli_only
+            )
+            if x.ndim == 4
+            else self.wavelet_method
+        )
+        channel_major = method in wavelets.CHANNEL_MAJOR
+        axis = 1 if channel_major else -1
+        if method == "pallas" and self.nonlinearity == "mod":
+            parts = self._kernel_parts(x)
         else:
-            # rho sees the complex concatenation [phi ; psi], as in the reference.
-            w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=axis)
-            parts = [phi, psi, self._rho(w, axis)]
+            parts = self._parts(x, channel_major)
         segments = _merge_segments(parts, axis)
         stats = BatchStandardize(name="std", return_statistics=True, channel_axis=axis)(
             segments, use_running_average=not train

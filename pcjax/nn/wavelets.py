@@ -14,6 +14,8 @@ Three methods compute the same linear operator:
 * "fft": FFTs, any size (precision cannot be set: TPU FFTs are float32-ish at best).
 * "spatial": the whole pad-convolve-subsample-crop operator applied in space as one dense
   matrix [h w, h' w' (K + 1)], built once in float64; cheapest on small grids, cost (h w)^2.
+* "pallas": the "matmul" products in one TPU kernel per channel image, with its own backward
+  pass (`pcjax.nn.wavelet_kernel`); elsewhere Pallas's interpreter runs it (slow; for tests).
 * "matmul": the FFT pipeline as per-axis matrices, any size. The filters are not separable
   (rotated anisotropic envelopes for L = 8, Morlet = Gabor minus a scaled envelope, and only the
   real part of each filter's DFT is kept), so the 2-D filtering cannot be folded into per-axis
@@ -40,10 +42,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import complex_ops, filters
+from pcjax.nn import complex_ops, filters, wavelet_kernel
 
-Method = Literal["fft", "spatial", "matmul", "auto"]
-METHODS = ("fft", "spatial", "matmul", "auto")
+Method = Literal["fft", "spatial", "matmul", "pallas", "auto"]
+METHODS = ("fft", "spatial", "matmul", "pallas", "auto")
+# Methods that compute channel-major ([batch, c, h, w]), the layout their matmuls want.
+CHANNEL_MAJOR = ("matmul", "pallas")
 # "auto" uses the dense spatial operator up to this many input pixels per image (h * w); above
 # it the operator's cost grows as (h w)^2. Chosen by measurement on CPU, with the backward pass
 # (docs/benchmarks/wavelets.md, forward only; docs/benchmarks/README.md, "Tried and not kept").
@@ -274,29 +278,32 @@ def _matmul_planes(
     return phi[..., 0, :], psi  # the low-pass of a real image is real
 
 
-def _matmul_transform(x: jax.Array, bank: filters.FilterBank, precision: str) -> jax.Array:
-    """Per-axis matmul path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
-    phi, psi = _matmul_planes(jnp.moveaxis(x, -1, 1), bank, precision)
-    y = jnp.concatenate([phi.astype(jnp.complex64)[:, :, None], psi], axis=2)
-    return jnp.transpose(y, (0, 3, 4, 2, 1))
-
-
-# "auto" on TPUs: "matmul" at every size, by XLA:TPU's compiled figures of each ImageNet block
-# (docs/scale.md, "Per block"): the channel-major matmul path moves fewer bytes and keeps fewer
-# temporaries than the FFT path (about half the bytes on the large blocks) and than the dense
+# "auto" on TPUs, by XLA:TPU's compiled figures of each ImageNet block (docs/scale.md, "Per
+# block"): the Pallas kernel where the block keeps only the moduli of its wavelets (rho_psi with
+# the modulus) and from 28x28 inputs up, where it moves 2 to 60 % fewer bytes than the "matmul"
+# path. Below 28x28 its planes pad to whole (8, 128) tiles, and a block that also keeps the
+# complex wavelets (linear_plus_rho) moves more with it from 56x56 down; "matmul" there. Both
+# move fewer bytes than the FFT path (about half on the large blocks) and than the dense
 # operator on the 7x7 and 6x6 blocks; TPU FFTs also run at a reduced precision that cannot be
-# raised. On GPUs, until a device measurement exists, by the counts of
+# raised.
+PALLAS_MIN_PIXELS = 28 * 28
+
+
+# On GPUs, until a device measurement exists, by the counts of
 # docs/benchmarks/accelerator.md: cuFFT runs at full float32 accuracy and at memory speed, so
 # the FFT path moves the least data, and the dense operator is cheaper up to 8x8 inputs.
-def choose_method(h: int, w: int, method: Method, backend: str | None = None) -> str:
-    """Resolves "auto" per backend: "matmul" on TPU; dense "spatial" up to 8x8, above it
-    "fft", on CPU (measured) and GPU."""
+def choose_method(
+    h: int, w: int, method: Method, backend: str | None = None, moduli_only: bool = False
+) -> str:
+    """Resolves "auto" per backend: on TPU "pallas" for a block that keeps only the moduli of
+    its wavelets (`moduli_only`) from 28x28 up, else "matmul"; dense "spatial" up to 8x8,
+    above it "fft", on CPU (measured) and GPU."""
     if method not in METHODS:
         raise ValueError(f"Unknown wavelet method {method!r}; valid choices: {METHODS}.")
     if method != "auto":
         return method
     if (backend or jax.default_backend()) == "tpu":
-        return "matmul"
+        return "pallas" if moduli_only and h * w >= PALLAS_MIN_PIXELS else "matmul"
     return "spatial" if h * w <= SPATIAL_MAX_PIXELS else "fft"
 
 
@@ -338,8 +345,12 @@ def wavelet_coefficients(
     resolved = choose_method(h, w, method, backend)
     if resolved == "spatial":
         return _spatial_transform(x, bank, num_angles, mode, precision, full_angles)
-    if resolved == "matmul":
-        return _matmul_transform(x, bank, precision)
+    if resolved in CHANNEL_MAJOR:
+        phi, psi = wavelet_transform_channel_major(
+            jnp.moveaxis(x, -1, 1), num_angles, mode, resolved, False, precision, full_angles
+        )
+        y = jnp.concatenate([phi.astype(jnp.complex64)[:, :, None], psi], axis=2)
+        return jnp.transpose(y, (0, 3, 4, 2, 1))
     return _fft_transform(x, bank)
 
 
@@ -382,13 +393,13 @@ def wavelet_transform_channel_major(
     Returns phi [batch, c, h', w'] and psi complex64[batch, c, L, h', w']: reshaped to
     [batch, c * L, h', w'] it is in the reference's channel order c * L + angle (a point-wise
     non-linearity applied before that reshape saves XLA:TPU a copy). The "matmul" method
-    computes in this layout (`_matmul_planes`), the one its matmuls want; the others
+    and "pallas" methods compute in this layout, the one their matmuls want; the others
     transpose to and from channels-last around `wavelet_transform`.
     """
     _check_input(x)
     _, _, h, w = x.shape
     resolved = choose_method(h, w, method, backend)
-    if resolved != "matmul":
+    if resolved not in CHANNEL_MAJOR:
         phi, psi = wavelet_transform(
             jnp.moveaxis(x, 1, -1),
             num_angles,
@@ -405,4 +416,15 @@ def wavelet_transform_channel_major(
     if guard_gradients:
         x = zero_nonfinite_grad(x)
     complex_ops.check_precision(precision)
+    if resolved == "pallas":
+        phi, psi, _, _ = wavelet_kernel.coefficients(
+            x, num_angles, mode, precision, full_angles, interpret=_interpret(backend)
+        )
+        return phi, psi
     return _matmul_planes(x, bank, precision)
+
+
+def _interpret(backend: str | None) -> bool:
+    """Whether a Pallas kernel runs in the interpreter: off the TPU (the target's, else the
+    host's backend)."""
+    return (backend or jax.default_backend()) != "tpu"
