@@ -323,14 +323,19 @@ def model_kwargs(config: ml_collections.ConfigDict) -> dict[str, Any]:
     }
 
 
-def build_model(config: ml_collections.ConfigDict, backend: str | None = None) -> Any:
+def build_model(
+    config: ml_collections.ConfigDict, backend: str | None = None, mesh: Any = None
+) -> Any:
     """The network of `config.model` for `config.data`'s classes (validate the config first).
 
     `backend`: the platform of the devices it will run on, which wavelet_method="auto"
-    resolves for (None: the host's default backend).
+    resolves for (None: the host's default backend). `mesh`: the devices a batch is split
+    over, which a kernel XLA cannot partition (`nn.wavelet_kernel`) splits itself over.
     """
     cls = models.ARCHS[config.model.arch]
     kwargs = model_kwargs(config)
     if backend is not None and config.model.arch == "phase_collapse":
         kwargs["backend"] = backend
+    if mesh is not None and config.model.arch == "phase_collapse":
+        kwargs["mesh"] = mesh
     return cls(num_classes=datasets.DATASETS[config.data.name].num_classes, **kwargs)

@@ -8,6 +8,7 @@ on the matmul wavelet path (TPUs) a block computes channel-major [batch, c, h, w
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -209,6 +210,7 @@ class PhaseCollapseBlock(nn.Module):
     precision: str = "highest"
     full_angles: bool = False  # orientations over 2 pi (docs/spec.md 1.3)
     backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
+    mesh: Any = None  # jax.sharding.Mesh the batch is split over, for the Pallas kernel
 
     def _rho(
         self, z: jax.Array, axis: int = -1, channels: tuple[int, ...] | None = None
@@ -252,8 +254,9 @@ class PhaseCollapseBlock(nn.Module):
             flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
             if self.block_type == "rho_psi":
                 return [phi, flat(self._rho(psi, axis, psi.shape[1:3]))]
-            psi = flat(psi)
-        elif self.block_type == "rho_psi":
+            w = jnp.concatenate([phi.astype(jnp.complex64), flat(psi)], axis=axis)
+            return [phi, flat(psi), self._rho(w, axis)]
+        if self.block_type == "rho_psi":
             return [phi, self._rho(psi)]
         # rho sees the complex concatenation [phi ; psi], as in the reference.
         w = jnp.concatenate([phi.astype(jnp.complex64), psi], axis=axis)
@@ -272,6 +275,7 @@ class PhaseCollapseBlock(nn.Module):
             self.full_angles,
             wavelet_kernel.Outputs(psi=keep_psi, mod_phi=keep_psi, mod_psi=True),
             interpret=(self.backend or jax.default_backend()) != "tpu",
+            mesh=self.mesh,
         )
         flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
         if not keep_psi:

@@ -39,6 +39,7 @@ class PhaseCollapseNet(nn.Module):
     wavelet_method: str = "auto"
     precision: str = "highest"  # matmul policy, one of layers.PRECISIONS
     backend: str | None = None  # platform wavelet_method="auto" resolves for (None: the host's)
+    mesh: Any = None  # jax.sharding.Mesh the batch is split over (kernels split themselves)
     # Recompute each block's forward pass in the backward pass instead of keeping its
     # intermediates: the step keeps only the block inputs (less memory, one more forward pass).
     remat: bool = False
@@ -59,6 +60,7 @@ class PhaseCollapseNet(nn.Module):
                 wavelet_method=self.wavelet_method,
                 precision=self.precision,
                 backend=self.backend,
+                mesh=self.mesh,
             )
             for width, mode in zip(self.widths, modes, strict=True)
         ]

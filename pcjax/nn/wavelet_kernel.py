@@ -311,12 +311,16 @@ def coefficients(
     full_angles: bool = False,
     outputs: Outputs = Outputs(),
     interpret: bool | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """(phi, psi, |phi|, |psi|) of a channel-major x [b, c, h, w], real or complex.
 
     phi [b, c, h', w'] is real for a real x (its filter is symmetric), else complex64; psi is
     complex64 [b, c, K, h', w'] or None; the moduli are float32 or None, per `outputs`.
-    `interpret`: None runs the compiled kernel on TPU and the interpreter elsewhere.
+    `interpret`: None runs the compiled kernel on TPU and the interpreter elsewhere. `mesh`:
+    the devices the batch is split over (XLA cannot partition a kernel; each device runs it on
+    its share of the batch, or on all of it where the batch does not split, as the state's
+    initialisation's two images).
     """
     complex_ops.check_precision(precision)
     if x.ndim != 4:
@@ -328,11 +332,7 @@ def coefficients(
     xi = x.imag if cplx else jnp.zeros((), jnp.float32)
     _, _, h, w = x.shape
     fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, interpret, cplx)
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and mesh.size > 1:
-        # XLA cannot partition a kernel: each device runs it on its share of the batch, or on
-        # all of it where the batch does not split (the state's initialisation traces two
-        # images). The step builder (`training.train.build_steps`) traces under its mesh.
+    if mesh is not None and mesh.size > 1:
         split = x.shape[0] % mesh.size == 0
         batch = jax.sharding.PartitionSpec(mesh.axis_names if split else None)
         fn = jax.shard_map(

@@ -182,17 +182,6 @@ def _steps(config: ml_collections.ConfigDict, num_train_examples: int) -> tuple[
     return per_epoch, num_steps, eval_every
 
 
-def _on_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
-    """`fn` traced with `mesh` as JAX's abstract mesh: a kernel XLA cannot partition
-    (`nn.wavelet_kernel`) splits itself over the batch axes it names."""
-
-    def traced(*args, **kwargs):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-            return fn(*args, **kwargs)
-
-    return traced
-
-
 @dataclasses.dataclass(frozen=True)
 class Steps:
     """The trainer's jitted programs on one mesh, as `build_steps` makes them."""
@@ -215,25 +204,20 @@ def build_steps(
     The model is built for the platform of the mesh's devices (wavelet_method="auto"), so that
     a program compiled ahead of time for other devices than the host's is the one they run.
     """
-    model = schema.build_model(config, backend=mesh.devices.flat[0].platform)
+    model = schema.build_model(config, backend=mesh.devices.flat[0].platform, mesh=mesh)
     tx = create_optimizer(config, steps_per_epoch)
     replicated, batched = sharding.replicated(mesh), sharding.batch_sharded(mesh)
     init = jax.jit(
-        _on_mesh(functools.partial(create_train_state, model, tx, image_shape=image_shape), mesh),
+        functools.partial(create_train_state, model, tx, image_shape=image_shape),
         out_shardings=replicated,
     )
     p_train_step = jax.jit(
-        _on_mesh(
-            functools.partial(
-                train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
-            ),
-            mesh,
+        functools.partial(
+            train_step, learning_rate_fn=learning_rate_schedule(config, steps_per_epoch)
         ),
         in_shardings=(replicated, batched),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    p_eval_step = jax.jit(
-        _on_mesh(eval_step, mesh), in_shardings=(replicated, batched), out_shardings=replicated
-    )
+    p_eval_step = jax.jit(eval_step, in_shardings=(replicated, batched), out_shardings=replicated)
     return Steps(model=model, init=init, train_step=p_train_step, eval_step=p_eval_step)
