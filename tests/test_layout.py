@@ -19,6 +19,10 @@ from pcjax.nn import layers
 # adding operands of their own). The same block through the channels-last FFT path moves
 # 107.9 MB/img at "bf16": the kind of change this catches.
 BYTES_PER_IMAGE_BOUND = 1.2 * 53.9e6
+# A `rho_psi` block on a 32x32x32 complex input, `wavelet_method="auto"` resolved for a TPU:
+# the Pallas kernel (`nn.wavelet_kernel`), 79.5 MB/img at "bf16" (92.4 at "highest"); the
+# `matmul` path on the same block moves 139.2.
+KERNEL_BYTES_PER_IMAGE_BOUND = 1.2 * 79.5e6
 BATCH = 8
 
 
@@ -69,3 +73,22 @@ def test_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
     )
     got = block_bytes_per_image(device, block, (16, 16, 32), BATCH)
     assert 0 < got <= BYTES_PER_IMAGE_BOUND, got
+
+
+@pytest.mark.slow
+def test_kernel_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
+    """The block `auto` gives the Pallas kernel on a TPU: its kernels' declared traffic and
+    XLA's count of the rest stay where they are."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = _tpu_device()
+    block = layers.PhaseCollapseBlock(
+        features=64,
+        num_angles=4,
+        filter_mode="factorized_even",
+        block_type="rho_psi",
+        wavelet_method="auto",
+        precision="bf16",
+        backend="tpu",
+    )
+    got = block_bytes_per_image(device, block, (32, 32, 32), BATCH)
+    assert 0 < got <= KERNEL_BYTES_PER_IMAGE_BOUND, got
