@@ -60,35 +60,27 @@ def block_bytes_per_image(device, block: layers.PhaseCollapseBlock, shape, batch
 
 
 @pytest.mark.slow
-def test_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
+@pytest.mark.parametrize(
+    "block_type,method,shape,bound",
+    [
+        ("linear_plus_rho", "matmul", (16, 16, 32), BYTES_PER_IMAGE_BOUND),
+        # The block `auto` gives the Pallas kernel on a TPU: the kernels' declared traffic and
+        # XLA's count of the rest.
+        ("rho_psi", "auto", (32, 32, 32), KERNEL_BYTES_PER_IMAGE_BOUND),
+    ],
+    ids=["matmul", "kernel"],
+)
+def test_block_tpu_bytes_per_image_stay_bounded(monkeypatch, block_type, method, shape, bound):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
     device = _tpu_device()
     block = layers.PhaseCollapseBlock(
         features=64,
         num_angles=4,
         filter_mode="factorized_even",
-        block_type="linear_plus_rho",
-        wavelet_method="matmul",
-        precision="bf16",
-    )
-    got = block_bytes_per_image(device, block, (16, 16, 32), BATCH)
-    assert 0 < got <= BYTES_PER_IMAGE_BOUND, got
-
-
-@pytest.mark.slow
-def test_kernel_block_tpu_bytes_per_image_stay_bounded(monkeypatch):
-    """The block `auto` gives the Pallas kernel on a TPU: its kernels' declared traffic and
-    XLA's count of the rest stay where they are."""
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    device = _tpu_device()
-    block = layers.PhaseCollapseBlock(
-        features=64,
-        num_angles=4,
-        filter_mode="factorized_even",
-        block_type="rho_psi",
-        wavelet_method="auto",
+        block_type=block_type,
+        wavelet_method=method,
         precision="bf16",
         backend="tpu",
     )
-    got = block_bytes_per_image(device, block, (32, 32, 32), BATCH)
-    assert 0 < got <= KERNEL_BYTES_PER_IMAGE_BOUND, got
+    got = block_bytes_per_image(device, block, shape, BATCH)
+    assert 0 < got <= bound, got
