@@ -285,8 +285,9 @@ machine). v4 and v5p names count TensorCores (two per chip), v5e and v6e names c
 rows: the CUDA compiler reports no cost analysis, so XLA's HLO cost analysis counts the FLOPs on
 the lowered program and the bytes on the GPU-optimised one; the rates measured on a real H200
 ("Measured on one H200" below) are the figures to plan with. Every compile is cached in
-docs/scale.csv under a hash of its lowered program; `--nocompile` rewrites this table from that
-cache alone."""
+docs/scale.csv under a hash of its lowered program (less its Pallas kernels' source locations);
+`--nocompile` rewrites this table from that cache alone. A Pallas kernel's FLOPs and bytes are
+those it declares (its operands and results at their tiled sizes, its padded products)."""
 
 
 def main(argv: list[str]) -> None:

@@ -3,12 +3,14 @@ interpreter on this host: its moduli against the float64 oracle, its hand-writte
 pass against autodiff of the "matmul" path, the block built on it against the block built on
 "matmul"; and, compiled for a TPU, the kernel's traffic in XLA's count."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax.accelerators import targets
+from pcjax.accelerators import compile_only, targets
 from pcjax.configs import digits as digits_config
 from pcjax.nn import layers, wavelet_kernel, wavelets
 from pcjax.training import sharding, train
@@ -185,7 +187,15 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
         )
         return jnp.sum(jnp.abs(phi)) + jnp.sum(mod_psi)
 
-    compiled = jax.jit(jax.grad(loss)).lower(x).compile()
+    lowered = jax.jit(jax.grad(loss)).lower(x)
+    # The compile cache's key ignores the kernels' source locations, not their bodies.
+    text = lowered.as_text()
+    moved = re.sub(r"(debug_locations\\22: \\22)[^\\]*", r"\1QUJD", text)
+    assert moved != text
+    assert compile_only.program_key(moved) == compile_only.program_key(text)
+    renamed = text.replace("wavelet_modulus_bwd", "wavelet_modulus_bwe")
+    assert compile_only.program_key(renamed) != compile_only.program_key(text)
+    compiled = lowered.compile()
     assert "tpu_custom_call" in compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

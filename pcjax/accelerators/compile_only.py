@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -153,6 +154,17 @@ def state_struct(steps: train.Steps, mesh) -> Any:
     )
 
 
+# A Pallas kernel's source locations ride in its custom call's configuration, beside its body.
+_KERNEL_LOCATIONS = re.compile(r", \\22debug_locations\\22: \\22[^\\]*\\22")
+
+
+def program_key(lowered_text: str) -> str:
+    """The compile cache's key of a lowered program: a hash of its text, less the source
+    locations of its Pallas kernels (which change with any edit above them in their file and
+    not the compiled code)."""
+    return hashlib.sha256(_KERNEL_LOCATIONS.sub("", lowered_text).encode()).hexdigest()[:20]
+
+
 def compile_step(
     config,
     setup: Setup,
@@ -182,7 +194,7 @@ def compile_step(
     fn = steps.train_step if which == "train" else steps.eval_step
     tick = time.perf_counter()
     lowered = fn.lower(state, batch_structs(config, mesh, batch, which == "eval"))
-    key = hashlib.sha256(lowered.as_text().encode()).hexdigest()[:20] if cache else None
+    key = program_key(lowered.as_text()) if cache else None
     known = cache.get(key) if cache else None
     if isinstance(known, DoesNotFit):
         raise known

@@ -112,6 +112,134 @@ def _flops(h, w, pp, qq, ho, wo, k1, complex_input, backward, needs_v) -> int:
     return 2 * n
 
 
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """The static shape of one kernel step: one channel image in, its coefficients out."""
+
+    complex_input: bool
+    outputs: Outputs
+    precision: str
+    k1: int  # K + 1 filters, the low-pass first
+    padded: tuple[int, int]  # the spectrum's (rows, columns), padded to tiles
+    out: tuple[int, int]  # (h', w')
+    names: tuple[str, ...]  # the constant matrices, in operand order
+
+    @property
+    def phi_planes(self) -> int:
+        return 2 if self.complex_input else 1
+
+
+def _forward(step: _Step, x_r, x_i, hat, mats, outs) -> None:
+    """Coefficient k = G_h ((F_h X F_w^T) * hat_k) G_w^T; writes phi, psi and moduli."""
+    (f1r, f1i), (f2r, f2i), (g1r, g1i), (g2r, g2i) = (mats[n] for n in step.names)
+    yr, yi = _cdot(x_r, x_i, f1r[...], f1i[...], step.precision)
+    zr, zi = _cdot(f2r[...], f2i[...], yr, yi, step.precision)
+    o = iter(outs)
+    phi_refs = [next(o) for _ in range(step.phi_planes)]
+    psi_refs = (next(o), next(o)) if step.outputs.psi else None
+    mphi_ref = next(o) if step.outputs.mod_phi else None
+    mpsi_ref = next(o) if step.outputs.mod_psi else None
+    for k in range(step.k1):
+        if k > 0 and psi_refs is None and mpsi_ref is None:
+            break
+        hk = hat[k]
+        ur, ui = _cdot(zr * hk, zi * hk, g1r[...], g1i[...], step.precision)
+        vr, vi = _cdot(g2r[...], g2i[...], ur, ui, step.precision)
+        if k == 0:
+            phi_refs[0][...] = vr
+            if step.complex_input:
+                phi_refs[1][...] = vi
+            if mphi_ref is not None:
+                mphi_ref[...] = (
+                    jnp.sqrt(vr * vr + vi * vi) if step.complex_input else jnp.maximum(vr, -vr)
+                )
+            continue
+        if psi_refs is not None:
+            psi_refs[0][k - 1] = vr
+            psi_refs[1][k - 1] = vi
+        if mpsi_ref is not None:
+            mpsi_ref[k - 1] = jnp.sqrt(vr * vr + vi * vi)
+
+
+def _coefficient_cotangent(step: _Step, k: int, g_refs: dict):
+    """(Re, Im) of the cotangent of coefficient k from its own outputs' cotangents, and that of
+    its modulus (None where it has none)."""
+    ho, wo = step.out
+    if k == 0:
+        gr = g_refs["phi"][0][...]
+        gi = g_refs["phi"][1][...] if step.complex_input else jnp.zeros_like(gr)
+        return gr, gi, g_refs["mod_phi"][...] if "mod_phi" in g_refs else None
+    psi = g_refs.get("psi")
+    gr = psi[0][k - 1] if psi is not None else jnp.zeros((ho, wo), jnp.float32)
+    gi = psi[1][k - 1] if psi is not None else jnp.zeros((ho, wo), jnp.float32)
+    return gr, gi, g_refs["mod_psi"][k - 1] if "mod_psi" in g_refs else None
+
+
+def _backward(step: _Step, x_r, x_i, g_refs: dict, hat, mats, outs) -> None:
+    """The input's cotangent: the coefficients' cotangents (with the moduli's, v / |v| times
+    theirs, the coefficients recomputed from the input), then the adjoint products."""
+    (f1r, f1i), (f2r, f2i), (g1r, g1i), (g2r, g2i) = (
+        mats[n] for n in ("fw_adj", "fh_adj", "gw_adj", "gh_adj")
+    )
+    prec = step.precision
+    if "fw" in mats:  # the coefficients again, from the input (nothing stored between passes)
+        yr, yi = _cdot(x_r, x_i, mats["fw"][0][...], mats["fw"][1][...], prec)
+        zr, zi = _cdot(mats["fh"][0][...], mats["fh"][1][...], yr, yi, prec)
+        gwr, gwi = mats["gw"][0][...], mats["gw"][1][...]
+        ghr, ghi = mats["gh"][0][...], mats["gh"][1][...]
+    zbr = jnp.zeros(step.padded, jnp.float32)
+    zbi = jnp.zeros(step.padded, jnp.float32)
+    for k in range(step.k1):
+        if k > 0 and "psi" not in g_refs and "mod_psi" not in g_refs:
+            break
+        gr, gi, gm = _coefficient_cotangent(step, k, g_refs)
+        hk = hat[k]
+        if gm is not None:
+            ur, ui = _cdot(zr * hk, zi * hk, gwr, gwi, prec)
+            vr, vi = _cdot(ghr, ghi, ur, ui, prec)
+            if k == 0 and not step.complex_input:  # |Re phi|: d/dvr = sign(vr), 0 at 0
+                gr = gr + jnp.where(vr > 0, gm, jnp.where(vr < 0, -gm, 0.0))
+            else:  # d|v| = v / |v|, 0 at v = 0 as jnp.abs
+                mod = jnp.sqrt(vr * vr + vi * vi)
+                s = jnp.where(mod > 0, gm / jnp.where(mod > 0, mod, 1.0), 0.0)
+                gr, gi = gr + s * vr, gi + s * vi
+        ubr, ubi = _cdot(g2r[...], g2i[...], gr, gi, prec)  # G_h^H [pp, h'] @ [h', w']
+        wbr, wbi = _cdot(ubr, ubi, g1r[...], g1i[...], prec)  # @ conj(G_w) [w', qq]
+        zbr, zbi = zbr + wbr * hk, zbi + wbi * hk
+    ybr, ybi = _cdot(f2r[...], f2i[...], zbr, zbi, prec)  # F_h^H [h, pp] @ [pp, qq]
+    if step.complex_input:  # @ conj(F_w) [qq, w]
+        xbr, xbi = _cdot(ybr, ybi, f1r[...], f1i[...], prec)
+        outs[0][...], outs[1][...] = xbr, xbi
+    else:  # a real input's cotangent is the real part
+        outs[0][...] = _dot(ybr, f1r[...], prec) - _dot(ybi, f1i[...], prec)
+
+
+def _output_names(step: _Step) -> list[str]:
+    """The forward kernel's outputs (the backward kernel's extra inputs), in order."""
+    names = ["phi"] + (["psi"] if step.outputs.psi else [])
+    return names + [n for n in ("mod_phi", "mod_psi") if getattr(step.outputs, n)]
+
+
+def _kernel(step: _Step, backward: bool, *refs) -> None:
+    """One grid step: the refs as pallas_call passes them, in `_kernel_call`'s operand order."""
+    it = iter(refs)
+    x_r = next(it)[...]
+    x_i = next(it)[...] if step.complex_input else None
+    g_refs = {}
+    if backward:
+        for name in _output_names(step):
+            planes = step.phi_planes if name == "phi" else 2 if name == "psi" else 1
+            g_refs[name] = tuple(next(it) for _ in range(planes))
+        g_refs = {n: r if n in ("phi", "psi") else r[0] for n, r in g_refs.items()}
+    hat = next(it)
+    mats = {n: (next(it), next(it)) for n in step.names}
+    outs = list(it)
+    if backward:
+        _backward(step, x_r, x_i, g_refs, hat, mats, outs)
+    else:
+        _forward(step, x_r, x_i, hat, mats, outs)
+
+
 def _kernel_call(
     xr, xi, h, w, num_angles, mode, full_angles, precision, outputs: Outputs, interpret, grads=None
 ):
@@ -126,124 +254,27 @@ def _kernel_call(
     needs_v = backward and (outputs.mod_phi or outputs.mod_psi)
     names = ("fw", "fh", "gw", "gh") if not backward or needs_v else ()
     names += ("fw_adj", "fh_adj", "gw_adj", "gh_adj") if backward else ()
+    step = _Step(complex_input, outputs, precision, k1, (pp, qq), (ho, wo), names)
     consts = [jnp.asarray(m["hat"])]
     for n in names:
         consts += [jnp.asarray(m[n][0]), jnp.asarray(m[n][1])]
     xs = [xr] + ([xi] if complex_input else [])
-    plane = (None, None, h, w)
     image = lambda i, j: (i, j, 0, 0)  # noqa: E731
     coef = lambda i, j: (i, j, 0, 0, 0)  # noqa: E731
+    in_plane = pl.BlockSpec((None, None, h, w), image)
     out_phi = pl.BlockSpec((None, None, ho, wo), image)
     out_psi = pl.BlockSpec((None, None, k1 - 1, ho, wo), coef)
-    phi_planes = 2 if complex_input else 1
-    if not backward:
-        specs, shapes = [], []
-        for _ in range(phi_planes):
-            specs.append(out_phi)
-            shapes.append((b, c, ho, wo))
-        if outputs.psi:
-            specs += [out_psi, out_psi]
-            shapes += [(b, c, k1 - 1, ho, wo)] * 2
-        if outputs.mod_phi:
-            specs.append(out_phi)
-            shapes.append((b, c, ho, wo))
-        if outputs.mod_psi:
-            specs.append(out_psi)
-            shapes.append((b, c, k1 - 1, ho, wo))
-        extra_in, extra_specs = [], []
-    else:
-        specs = [pl.BlockSpec(plane, image)] * len(xs)
-        shapes = [(b, c, h, w)] * len(xs)
-        extra_in = list(grads)
-        extra_specs = [out_phi if g.ndim == 4 else out_psi for g in grads]
+    specs, shapes = [], []  # the forward kernel's outputs
+    for name in _output_names(step):
+        planes = step.phi_planes if name == "phi" else 2 if name == "psi" else 1
+        per_k = name in ("psi", "mod_psi")
+        specs += [out_psi if per_k else out_phi] * planes
+        shapes += [(b, c, k1 - 1, ho, wo) if per_k else (b, c, ho, wo)] * planes
+    extra_in, extra_specs = [], []
+    if backward:
+        extra_in, extra_specs = list(grads), specs
+        specs, shapes = [in_plane] * len(xs), [(b, c, h, w)] * len(xs)
     full = lambda a: pl.BlockSpec(a.shape, lambda i, j, n=a.ndim: (0,) * n)  # noqa: E731
-
-    def kernel(*refs):
-        it = iter(refs)
-        x_r = next(it)[...]
-        x_i = next(it)[...] if complex_input else None
-        g_refs = [next(it) for _ in extra_in]
-        hat = next(it)
-        mats = {n: (next(it), next(it)) for n in names}
-        outs = list(it)
-        if not backward:
-            (f1r, f1i), (f2r, f2i), (g1r, g1i), (g2r, g2i) = (mats[n] for n in names)
-            yr, yi = _cdot(x_r, x_i, f1r[...], f1i[...], precision)
-            zr, zi = _cdot(f2r[...], f2i[...], yr, yi, precision)
-            o = iter(outs)
-            phi_refs = [next(o) for _ in range(phi_planes)]
-            psi_refs = (next(o), next(o)) if outputs.psi else None
-            mphi_ref = next(o) if outputs.mod_phi else None
-            mpsi_ref = next(o) if outputs.mod_psi else None
-            for k in range(k1):
-                if k > 0 and psi_refs is None and mpsi_ref is None:
-                    break
-                hk = hat[k]
-                ur, ui = _cdot(zr * hk, zi * hk, g1r[...], g1i[...], precision)
-                vr, vi = _cdot(g2r[...], g2i[...], ur, ui, precision)
-                if k == 0:
-                    phi_refs[0][...] = vr
-                    if complex_input:
-                        phi_refs[1][...] = vi
-                    if mphi_ref is not None:
-                        mphi_ref[...] = (
-                            jnp.sqrt(vr * vr + vi * vi) if complex_input else jnp.maximum(vr, -vr)
-                        )
-                    continue
-                if psi_refs is not None:
-                    psi_refs[0][k - 1] = vr
-                    psi_refs[1][k - 1] = vi
-                if mpsi_ref is not None:
-                    mpsi_ref[k - 1] = jnp.sqrt(vr * vr + vi * vi)
-            return
-        # Backward: cotangents of V_k = (Re, Im) of each coefficient, then the adjoint products.
-        g = iter(g_refs)
-        gphi = [next(g) for _ in range(phi_planes)]
-        gpsi = (next(g), next(g)) if outputs.psi else None
-        gmphi = next(g) if outputs.mod_phi else None
-        gmpsi = next(g) if outputs.mod_psi else None
-        (f1r, f1i), (f2r, f2i), (g1r, g1i), (g2r, g2i) = (
-            mats[n] for n in ("fw_adj", "fh_adj", "gw_adj", "gh_adj")
-        )
-        if needs_v:  # the coefficients again, from the input (nothing stored between passes)
-            yr, yi = _cdot(x_r, x_i, mats["fw"][0][...], mats["fw"][1][...], precision)
-            zr, zi = _cdot(mats["fh"][0][...], mats["fh"][1][...], yr, yi, precision)
-            gwr, gwi = mats["gw"][0][...], mats["gw"][1][...]
-            ghr, ghi = mats["gh"][0][...], mats["gh"][1][...]
-        zbr = jnp.zeros((pp, qq), jnp.float32)
-        zbi = jnp.zeros((pp, qq), jnp.float32)
-        for k in range(k1):
-            if k == 0:
-                gr = gphi[0][...]
-                gi = gphi[1][...] if complex_input else jnp.zeros_like(gr)
-                gm = gmphi[...] if gmphi is not None else None
-            else:
-                if gpsi is None and gmpsi is None:
-                    break
-                gr = gpsi[0][k - 1] if gpsi is not None else jnp.zeros((ho, wo), jnp.float32)
-                gi = gpsi[1][k - 1] if gpsi is not None else jnp.zeros((ho, wo), jnp.float32)
-                gm = gmpsi[k - 1] if gmpsi is not None else None
-            hk = hat[k]
-            if gm is not None:
-                ur, ui = _cdot(zr * hk, zi * hk, gwr, gwi, precision)
-                vr, vi = _cdot(ghr, ghi, ur, ui, precision)
-                if k == 0 and not complex_input:  # |Re phi|: d/dvr = sign(vr), 0 at 0
-                    gr = gr + jnp.where(vr > 0, gm, jnp.where(vr < 0, -gm, 0.0))
-                else:  # d|v| = v / |v|, 0 at v = 0 as jnp.abs
-                    mod = jnp.sqrt(vr * vr + vi * vi)
-                    s = jnp.where(mod > 0, gm / jnp.where(mod > 0, mod, 1.0), 0.0)
-                    gr, gi = gr + s * vr, gi + s * vi
-            ubr, ubi = _cdot(g2r[...], g2i[...], gr, gi, precision)  # G_h^H [pp, h'] @ [h', w']
-            wbr, wbi = _cdot(ubr, ubi, g1r[...], g1i[...], precision)  # @ conj(G_w) [w', qq]
-            zbr, zbi = zbr + wbr * hk, zbi + wbi * hk
-        ybr, ybi = _cdot(f2r[...], f2i[...], zbr, zbi, precision)  # F_h^H [h, pp] @ [pp, qq]
-        if complex_input:  # @ conj(F_w) [qq, w]
-            xbr, xbi = _cdot(ybr, ybi, f1r[...], f1i[...], precision)
-            outs[0][...], outs[1][...] = xbr, xbi
-        else:  # a real input's cotangent is the real part
-            outs[0][...] = _dot(ybr, f1r[...], precision) - _dot(ybi, f1i[...], precision)
-
-    in_arrays = xs + extra_in + consts
     const_bytes = sum(_tiled_bytes(a.shape) for a in consts)
     moved = sum(_tiled_bytes(a.shape) for a in xs + extra_in) + sum(_tiled_bytes(s) for s in shapes)
     n_mod = int(outputs.mod_phi) + int(outputs.mod_psi) * (k1 - 1)
@@ -260,16 +291,16 @@ def _kernel_call(
             dimension_semantics=("parallel", "parallel")
         )
     return pl.pallas_call(
-        kernel,
+        functools.partial(_kernel, step, backward),
         grid=(b, c),
-        in_specs=[pl.BlockSpec(plane, image)] * len(xs) + extra_specs + [full(a) for a in consts],
+        in_specs=[in_plane] * len(xs) + extra_specs + [full(a) for a in consts],
         out_specs=specs,
         out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes],
         interpret=interpret,
         cost_estimate=None if interpret else cost,
         name="wavelet_modulus" if not backward else "wavelet_modulus_bwd",
         **kwargs,
-    )(*in_arrays)
+    )(*xs, *extra_in, *consts)
 
 
 @functools.lru_cache(maxsize=64)
