@@ -110,6 +110,7 @@ def test_modulus_gradient_is_zero_where_a_coefficient_is_zero():
     assert float(jnp.max(jnp.abs(g[:, 0]))) > 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "block_type,complex_input", [("rho_psi", True), ("linear_plus_rho", False)]
 )
@@ -141,6 +142,7 @@ def test_block_on_the_kernel_equals_the_block_on_matmul(block_type, complex_inpu
         np.testing.assert_allclose(got, want, rtol=0, atol=3e-6 * scale)
 
 
+@pytest.mark.slow
 def test_train_steps_on_eight_devices_equal_the_matmul_path():
     """The step builder's programs on 8 devices: each runs the kernel on its share of the batch
     (a shard_map over the mesh), the state's initialisation on the whole of its two images."""

@@ -265,7 +265,10 @@ IMAGENET_BLOCKS = [
 ]
 
 
-@pytest.mark.parametrize("method", ["fft", "spatial", "matmul", "pallas"])
+# The kernel runs in Pallas's interpreter here: its paper-size cases in the slow lane.
+@pytest.mark.parametrize(
+    "method", ["fft", "spatial", "matmul", pytest.param("pallas", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize(
     "size,mode,L,real_input",
     CIFAR_BLOCKS + IMAGENET_BLOCKS,
