@@ -37,7 +37,7 @@ def _input(shape, complex_input, seed):
 def test_moduli_match_the_float64_oracle(mode, complex_input):
     x = _input((2, 3, 12, 10), complex_input, seed=1)
     _, _, mod_phi, mod_psi = jax.jit(
-        lambda x: wavelet_kernel.coefficients(x, 4, mode, outputs=OUTPUTS[2], interpret=True)
+        lambda x: wavelet_kernel.coefficients(x, 4, mode, outputs=OUTPUTS[2])
     )(x)
     want_phi, want_psi = float64_oracle.wavelet(np.moveaxis(np.asarray(x), 1, -1), 4, mode)
     b, ho, wo, _ = want_psi.shape
@@ -66,7 +66,7 @@ def test_backward_pass_equals_autodiff_of_the_matmul_path(outputs, complex_input
         )
 
     def kernel(x):
-        return wavelet_kernel.coefficients(x, 4, "standard", outputs=outputs, interpret=True)
+        return wavelet_kernel.coefficients(x, 4, "standard", outputs=outputs)
 
     rng = np.random.default_rng(3)
     cotangents = []
@@ -99,9 +99,7 @@ def test_modulus_gradient_is_zero_where_a_coefficient_is_zero():
     x = _input((1, 2, 8, 8), True, seed=4).at[:, 1].set(0)
 
     def loss(x):
-        _, _, _, mod_psi = wavelet_kernel.coefficients(
-            x, 4, "standard", outputs=OUTPUTS[1], interpret=True
-        )
+        _, _, _, mod_psi = wavelet_kernel.coefficients(x, 4, "standard", outputs=OUTPUTS[1])
         return jnp.sum(mod_psi)
 
     g = jax.grad(loss)(x)
@@ -185,7 +183,7 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
 
     def loss(x):
         phi, _, _, mod_psi = wavelet_kernel.coefficients(
-            x, 8, "standard", outputs=OUTPUTS[1], interpret=False
+            x, 8, "standard", outputs=OUTPUTS[1], backend="tpu"
         )
         return jnp.sum(jnp.abs(phi)) + jnp.sum(mod_psi)
 

@@ -233,8 +233,10 @@ class PhaseCollapseBlock(nn.Module):
                 params[name] = init[name]
         return nonlinear.apply_complex_nonlinearity(self.nonlinearity, z, **params)
 
-    def _parts(self, x: jax.Array, channel_major: bool) -> list[jax.Array]:
-        """R(W U) as channel segments: [phi, rho(psi)] or [phi, psi, rho([phi; psi])]."""
+    def _parts(self, x: jax.Array, method: str) -> list[jax.Array]:
+        """R(W U) as channel segments: [phi, rho(psi)] or [phi, psi, rho([phi; psi])], by the
+        wavelet method `choose_method` resolved for this block."""
+        channel_major = method in wavelets.CHANNEL_MAJOR
         axis = 1 if channel_major else -1
         transform = (
             wavelets.wavelet_transform_channel_major
@@ -245,7 +247,7 @@ class PhaseCollapseBlock(nn.Module):
             jnp.moveaxis(x, -1, 1) if channel_major else x,
             self.num_angles,
             self.filter_mode,
-            self.wavelet_method,
+            method,
             precision=self.precision,
             full_angles=self.full_angles,
             backend=self.backend,
@@ -274,7 +276,7 @@ class PhaseCollapseBlock(nn.Module):
             self.precision,
             self.full_angles,
             wavelet_kernel.Outputs(psi=keep_psi, mod_phi=keep_psi, mod_psi=True),
-            interpret=(self.backend or jax.default_backend()) != "tpu",
+            backend=self.backend,
             mesh=self.mesh,
         )
         flat = lambda z: z.reshape(z.shape[0], -1, *z.shape[3:])  # noqa: E731
@@ -305,7 +307,7 @@ class PhaseCollapseBlock(nn.Module):
         if method == "pallas" and self.nonlinearity == "mod":
             parts = self._kernel_parts(x)
         else:
-            parts = self._parts(x, channel_major)
+            parts = self._parts(x, method)
         segments = _merge_segments(parts, axis)
         stats = BatchStandardize(name="std", return_statistics=True, channel_axis=axis)(
             segments, use_running_average=not train

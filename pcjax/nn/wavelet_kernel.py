@@ -341,14 +341,15 @@ def coefficients(
     precision: str = "highest",
     full_angles: bool = False,
     outputs: Outputs = Outputs(),
-    interpret: bool | None = None,
+    backend: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array | None]:
     """(phi, psi, |phi|, |psi|) of a channel-major x [b, c, h, w], real or complex.
 
     phi [b, c, h', w'] is real for a real x (its filter is symmetric), else complex64; psi is
     complex64 [b, c, K, h', w'] or None; the moduli are float32 or None, per `outputs`.
-    `interpret`: None runs the compiled kernel on TPU and the interpreter elsewhere. `mesh`:
+    `backend`: the platform it runs on (None: the host's); off the TPU the kernel runs in
+    Pallas's interpreter. `mesh`:
     the devices the batch is split over (XLA cannot partition a kernel; each device runs it on
     its share of the batch, or on all of it where the batch does not split, as the state's
     initialisation's two images).
@@ -356,8 +357,7 @@ def coefficients(
     complex_ops.check_precision(precision)
     if x.ndim != 4:
         raise ValueError(f"Expected a channel-major [batch, c, h, w] input, got {x.shape}.")
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    interpret = (backend or jax.default_backend()) != "tpu"
     cplx = jnp.iscomplexobj(x)
     xr = x.real if cplx else x.astype(jnp.float32)
     xi = x.imag if cplx else jnp.zeros((), jnp.float32)

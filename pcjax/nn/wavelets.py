@@ -418,13 +418,7 @@ def wavelet_transform_channel_major(
     complex_ops.check_precision(precision)
     if resolved == "pallas":
         phi, psi, _, _ = wavelet_kernel.coefficients(
-            x, num_angles, mode, precision, full_angles, interpret=_interpret(backend)
+            x, num_angles, mode, precision, full_angles, backend=backend
         )
         return phi, psi
     return _matmul_planes(x, bank, precision)
-
-
-def _interpret(backend: str | None) -> bool:
-    """Whether a Pallas kernel runs in the interpreter: off the TPU (the target's, else the
-    host's backend)."""
-    return (backend or jax.default_backend()) != "tpu"
