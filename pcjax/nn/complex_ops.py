@@ -184,6 +184,7 @@ def project_segments(
     means: Sequence[jax.Array] | None = None,
     scales: jax.Array | None = None,
     channel_axis: int = -1,
+    planes_apart: bool = False,
 ) -> jax.Array:
     """y = [(x_1 - m_1), (x_2 - m_2), ...] diag(scales) W for real or complex segments.
 
@@ -199,6 +200,8 @@ def project_segments(
     `channel_axis`=1: channel-major segments [batch, c, ...] and output [batch, c_out, ...];
     each real plane meets its kernel rows in its own matmul (the kernel on the left, the
     spatial axes minor), summed, so no concatenation of the planes is written.
+    `planes_apart` does the same channels-last, with the output's Re and Im columns in two
+    halves: no concatenation, and no size-2 (Re, Im) axis minor, which TPU tiles pad to 128.
     """
     if channel_axis not in (-1, 1):
         raise ValueError(f"channel_axis must be -1 or 1, got {channel_axis}.")
@@ -218,11 +221,19 @@ def project_segments(
             for s, m in zip(segments, means, strict=True)
         ]
     planes = _planes(segments)
-    if channel_axis == 1:
+    if channel_axis == 1 or planes_apart:
         if scales is not None:
             kernel = kernel * scales[:, None, None]
         rows = pack_kernel(kernel, layout)  # [sum of plane channels, 2 c_out]
-        starts = np.cumsum([0] + [p.shape[1] for p in planes])
+        starts = np.cumsum([0] + [p.shape[channel_axis] for p in planes])
+        if channel_axis == -1:
+            c_out = kernel.shape[1]
+            rows = jnp.swapaxes(rows.reshape(-1, c_out, 2), 1, 2).reshape(-1, 2 * c_out)
+            y = sum(
+                einsum("...n,nk->...k", p, rows[lo:hi], precision)
+                for p, lo, hi in zip(planes, starts[:-1], starts[1:], strict=True)
+            )
+            return jax.lax.complex(y[..., :c_out], y[..., c_out:])
         y = sum(
             einsum("nk,bn...->bk...", rows[lo:hi], p, precision)
             for p, lo, hi in zip(planes, starts[:-1], starts[1:], strict=True)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import complex_ops, nonlinear, wavelet_kernel, wavelets
+from pcjax.nn import complex_ops, moduli_kernel, nonlinear, wavelet_kernel, wavelets
 
 BLOCK_TYPES = ("rho_psi", "linear_plus_rho")
 PRECISIONS = complex_ops.PRECISIONS  # matmul precision policy, see `pcjax.nn.complex_ops`
@@ -51,12 +51,17 @@ class BatchStandardize(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array | Sequence[jax.Array], use_running_average: bool
+        self,
+        x: jax.Array | Sequence[jax.Array],
+        use_running_average: bool,
+        order: Any = None,
     ) -> jax.Array | list[jax.Array]:
         """Standardises `x`, or a list of channel segments (real or complex) of one tensor.
 
         Segments are standardised exactly as their concatenation would be; keeping real
         segments real lets the projection that follows use half the multiplications on them.
+        `order`: for segments a kernel writes in its own channel order, the maps
+        (`from_stored`, `to_stored`) between it and the stored statistics' (None: the same).
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         ax = self.channel_axis % segments[0].ndim
@@ -73,12 +78,15 @@ class BatchStandardize(nn.Module):
         offsets = np.cumsum([0, *sizes])
         means, variances = [], []
         if use_running_average:
+            run_mean, run_var = ra_mean.value, ra_var.value
+            if order is not None:
+                run_mean, run_var = order.from_stored(run_mean), order.from_stored(run_var)
             for seg, lo, hi in zip(segments, offsets[:-1], offsets[1:], strict=True):
-                m = ra_mean.value[lo:hi]
+                m = run_mean[lo:hi]
                 if any_complex:
                     m = complex_ops.to_complex(m) if jnp.iscomplexobj(seg) else m[:, 0]
                 means.append(m)
-                variances.append(ra_var.value[lo:hi])
+                variances.append(run_var[lo:hi])
         else:
             axes = tuple(a for a in range(segments[0].ndim) if a != ax)
             for seg in segments:
@@ -106,6 +114,8 @@ class BatchStandardize(nn.Module):
                 else:
                     batch_mean = jnp.concatenate(means)
                 batch_var = jnp.concatenate(variances)
+                if order is not None:
+                    batch_mean, batch_var = order.to_stored(batch_mean), order.to_stored(batch_var)
                 ra_mean.value = (1 - mom) * ra_mean.value + mom * batch_mean
                 ra_var.value = (1 - mom) * ra_var.value + mom * batch_var * (n / max(n - 1, 1))
         inv_stds = [jax.lax.rsqrt(v + self.epsilon) for v in variances]
@@ -147,11 +157,16 @@ class ComplexProjection(nn.Module):
         self,
         x: jax.Array | Sequence[jax.Array],
         standardize: Sequence[tuple[jax.Array, jax.Array]] | None = None,
+        order: Any = None,
+        planes_apart: bool = False,
     ) -> jax.Array:
         """Projects `x` (one array or its channel segments, see `complex_ops.project_segments`).
 
         With `standardize` = per-segment (mean, 1/std), computes ((x - mean) / std) W as
         (x - mean) (W / std): centred before the matmul, 1 / std folded into the weights.
+        `order`: the maps between the input's channel order and the kernel's rows', as in
+        `BatchStandardize`;
+        `planes_apart`: see `complex_ops.project_segments`.
         """
         segments = list(x) if isinstance(x, (list, tuple)) else [x]
         kernel = self.param(
@@ -159,9 +174,15 @@ class ComplexProjection(nn.Module):
             lambda key, shape: complex_ops.semi_unitary_init(key, *shape),
             (sum(s.shape[self.channel_axis] for s in segments), self.features),
         )
+        if order is not None:
+            kernel = order.from_stored(kernel)
         if standardize is None:
             return complex_ops.project_segments(
-                segments, kernel, self.precision, channel_axis=self.channel_axis
+                segments,
+                kernel,
+                self.precision,
+                channel_axis=self.channel_axis,
+                planes_apart=planes_apart,
             )
         return complex_ops.project_segments(
             segments,
@@ -170,6 +191,7 @@ class ComplexProjection(nn.Module):
             means=[m for m, _ in standardize],
             scales=jnp.concatenate([a for _, a in standardize]),  # real [c_in]
             channel_axis=self.channel_axis,
+            planes_apart=planes_apart,
         )
 
 
@@ -284,6 +306,20 @@ class PhaseCollapseBlock(nn.Module):
             return [phi, flat(mod_psi)]
         return [phi, flat(psi), jnp.concatenate([mod_phi, flat(mod_psi)], axis=1)]
 
+    def _lanes_parts(self, x: jax.Array) -> tuple[list[jax.Array], moduli_kernel.ChannelOrder]:
+        """[phi, |psi|] channels-last from the kernel that holds channels on the TPU's lanes
+        (`moduli_kernel`), and the order its moduli come in."""
+        phi, mod = moduli_kernel.lowpass_and_moduli(
+            wavelets.zero_nonfinite_grad(x),
+            self.num_angles,
+            self.filter_mode,
+            self.precision,
+            self.full_angles,
+            backend=self.backend,
+            mesh=self.mesh,
+        )
+        return [phi, mod], moduli_kernel.ChannelOrder(x.shape[-1], mod.shape[-1] // x.shape[-1])
+
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         if self.block_type not in BLOCK_TYPES:
@@ -293,26 +329,34 @@ class PhaseCollapseBlock(nn.Module):
         complex_ops.check_precision(self.precision)
         # The matmul and Pallas wavelet paths (TPUs) run channel-major, the layout their
         # matmuls want, and so does the rest of the block (statistics and projection contract
-        # or reduce over the spatial axes there); the other paths stay channels-last.
+        # or reduce over the spatial axes there); the other paths stay channels-last, and so
+        # does the Pallas kernel of a block whose channels fill the lanes (`moduli_kernel`).
         moduli_only = self.block_type == "rho_psi" and self.nonlinearity == "mod"
+        lanes = moduli_only and wavelets.kernel_on_lanes(x)
         method = (
             wavelets.choose_method(
-                x.shape[1], x.shape[2], self.wavelet_method, self.backend, moduli_only
+                x.shape[1], x.shape[2], self.wavelet_method, self.backend, moduli_only, lanes
             )
             if x.ndim == 4
             else self.wavelet_method
         )
-        channel_major = method in wavelets.CHANNEL_MAJOR
-        axis = 1 if channel_major else -1
-        if method == "pallas" and self.nonlinearity == "mod":
-            parts = self._kernel_parts(x)
+        order = None
+        if method == "pallas" and lanes:
+            channel_major, (segments, order) = False, self._lanes_parts(x)
         else:
-            parts = self._parts(x, method)
-        segments = _merge_segments(parts, axis)
+            channel_major = method in wavelets.CHANNEL_MAJOR
+            if method == "pallas" and self.nonlinearity == "mod":
+                parts = self._kernel_parts(x)
+            else:
+                parts = self._parts(x, method)
+            segments = _merge_segments(parts, 1 if channel_major else -1)
+        axis = 1 if channel_major else -1
         stats = BatchStandardize(name="std", return_statistics=True, channel_axis=axis)(
-            segments, use_running_average=not train
+            segments, use_running_average=not train, order=order
         )
-        z = ComplexProjection(self.features, self.precision, axis, name="proj")(segments, stats)
+        z = ComplexProjection(self.features, self.precision, axis, name="proj")(
+            segments, stats, order, planes_apart=order is not None
+        )
         z = nonlinear.normalize_pixels(z, axis)
         return jnp.moveaxis(z, 1, -1) if channel_major else z
 

@@ -303,6 +303,43 @@ def _kernel_call(
     )(*xs, *extra_in, *consts)
 
 
+def split_over(fn, mesh: jax.sharding.Mesh | None, batch: int, batched_inputs: tuple[bool, ...]):
+    """`fn` run by each device of `mesh` on its share of the batch (XLA cannot partition a
+    kernel), or on all of it where `batch` does not split (the state's two-image
+    initialisation). `batched_inputs`: which inputs have the batch axis (others: replicated)."""
+    if mesh is None or mesh.size == 1:
+        return fn
+    spec = jax.sharding.PartitionSpec(mesh.axis_names if batch % mesh.size == 0 else None)
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=tuple(spec if b else jax.sharding.PartitionSpec() for b in batched_inputs),
+        out_specs=spec,
+        check_vma=False,
+    )
+
+
+def with_vjp(call, complex_input: bool = True):
+    """f(xr, xi) = call(xr, xi) on real planes, differentiated by the backward kernel
+    call(xr, xi, grads=cotangents) (nothing but the input kept between the passes). A real
+    input's xi is a placeholder, passed to `call` as None, with a zero cotangent."""
+
+    @jax.custom_vjp
+    def f(xr, xi):
+        return tuple(call(xr, xi if complex_input else None))
+
+    def fwd(xr, xi):
+        return f(xr, xi), (xr, xi)
+
+    def bwd(res, cts):
+        xr, xi = res
+        xb = call(xr, xi if complex_input else None, grads=list(cts))
+        return xb[0], (xb[1] if complex_input else jnp.zeros_like(xi))
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
 @functools.lru_cache(maxsize=64)
 def _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, interpret, cplx):
     """The custom-VJP transform of real planes for one static configuration."""
@@ -317,21 +354,7 @@ def _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, inter
         outputs=outputs,
         interpret=interpret,
     )
-
-    @jax.custom_vjp
-    def f(xr, xi):
-        return tuple(call(xr, xi if cplx else None))
-
-    def fwd(xr, xi):
-        return f(xr, xi), (xr, xi)
-
-    def bwd(res, cts):
-        xr, xi = res
-        xb = call(xr, xi if cplx else None, grads=list(cts))
-        return xb[0], (xb[1] if cplx else jnp.zeros_like(xi))
-
-    f.defvjp(fwd, bwd)
-    return f
+    return with_vjp(call, cplx)
 
 
 def coefficients(
@@ -363,16 +386,7 @@ def coefficients(
     xi = x.imag if cplx else jnp.zeros((), jnp.float32)
     _, _, h, w = x.shape
     fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, interpret, cplx)
-    if mesh is not None and mesh.size > 1:
-        split = x.shape[0] % mesh.size == 0
-        batch = jax.sharding.PartitionSpec(mesh.axis_names if split else None)
-        fn = jax.shard_map(
-            fn,
-            mesh=mesh,
-            in_specs=(batch, batch if cplx else jax.sharding.PartitionSpec()),
-            out_specs=batch,
-            check_vma=False,
-        )
+    fn = split_over(fn, mesh, x.shape[0], batched_inputs=(True, cplx))
     outs = iter(fn(xr, xi))
     phi = next(outs)
     if cplx:

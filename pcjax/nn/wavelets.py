@@ -15,7 +15,9 @@ Three methods compute the same linear operator:
 * "spatial": the whole pad-convolve-subsample-crop operator applied in space as one dense
   matrix [h w, h' w' (K + 1)], built once in float64; cheapest on small grids, cost (h w)^2.
 * "pallas": the "matmul" products in one TPU kernel per channel image, with its own backward
-  pass (`pcjax.nn.wavelet_kernel`); elsewhere Pallas's interpreter runs it (slow; for tests).
+  pass (`pcjax.nn.wavelet_kernel`); for a block that keeps only moduli and whose channels fill
+  the 128 lanes, one kernel per 128-channel tile, channels-last (`pcjax.nn.moduli_kernel`).
+  Elsewhere Pallas's interpreter runs them (slow; for tests).
 * "matmul": the FFT pipeline as per-axis matrices, any size. The filters are not separable
   (rotated anisotropic envelopes for L = 8, Morlet = Gabor minus a scaled envelope, and only the
   real part of each filter's DFT is kept), so the 2-D filtering cannot be folded into per-axis
@@ -42,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import complex_ops, filters, wavelet_kernel
+from pcjax.nn import complex_ops, filters, moduli_kernel, wavelet_kernel
 
 Method = Literal["fft", "spatial", "matmul", "pallas", "auto"]
 METHODS = ("fft", "spatial", "matmul", "pallas", "auto")
@@ -292,18 +294,32 @@ PALLAS_MIN_PIXELS = 28 * 28
 # On GPUs, until a device measurement exists, by the counts of
 # docs/benchmarks/accelerator.md: cuFFT runs at full float32 accuracy and at memory speed, so
 # the FFT path moves the least data, and the dense operator is cheaper up to 8x8 inputs.
+def kernel_on_lanes(x: jax.Array) -> bool:
+    """Whether the "pallas" method runs channels on the lanes (`moduli_kernel`) for a block's
+    channels-last input x rather than one channel image per step (`wavelet_kernel`): complex
+    inputs whose channels fill whole 128-lane tiles."""
+    return jnp.iscomplexobj(x) and x.ndim == 4 and x.shape[-1] % moduli_kernel.LANES == 0
+
+
 def choose_method(
-    h: int, w: int, method: Method, backend: str | None = None, moduli_only: bool = False
+    h: int,
+    w: int,
+    method: Method,
+    backend: str | None = None,
+    moduli_only: bool = False,
+    lanes: bool = False,
 ) -> str:
     """Resolves "auto" per backend: on TPU "pallas" for a block that keeps only the moduli of
-    its wavelets (`moduli_only`) from 28x28 up, else "matmul"; dense "spatial" up to 8x8,
-    above it "fft", on CPU (measured) and GPU."""
+    its wavelets (`moduli_only`) where its channels fill the lanes (`lanes`, see
+    `kernel_on_lanes`) or from 28x28 up, else "matmul"; dense "spatial" up to 8x8, above it
+    "fft", on CPU (measured) and GPU."""
     if method not in METHODS:
         raise ValueError(f"Unknown wavelet method {method!r}; valid choices: {METHODS}.")
     if method != "auto":
         return method
     if (backend or jax.default_backend()) == "tpu":
-        return "pallas" if moduli_only and h * w >= PALLAS_MIN_PIXELS else "matmul"
+        kernel = moduli_only and (lanes or h * w >= PALLAS_MIN_PIXELS)
+        return "pallas" if kernel else "matmul"
     return "spatial" if h * w <= SPATIAL_MAX_PIXELS else "fft"
 
 

@@ -1,0 +1,348 @@
+"""Low-pass and wavelet moduli of a channels-last block as one TPU kernel (Pallas), with its own
+backward pass: the layout for blocks whose channels fill the TPU's 128 lanes.
+
+`wavelet_kernel` holds one channel image per step with the spatial axes minor; from 28x28 down
+those planes pad to whole (8, 128) tiles (a 28x28 plane takes 5x its size), and the moduli it
+writes must be relaid out for the projection. Here one step holds a 128-channel tile of one
+image, [h, w, 128], channels on the lanes: the block's NHWC input is read as it is, nothing pads
+the lanes, and the moduli are written channels-last, the layout in which XLA runs the batch
+statistics and the projection that follow. The per-axis products are batched matmuls, the two
+spatial axes swapping in VMEM between them:
+
+    Y[r] = F_w X[r] (per row r),  Z[q] = F_h Y^T[q] (per spectral column q),
+    V_k = G_w (A_k[q] Z[q])^T  with  A_k[q] = G_h diag(hat_k[:, q]),
+
+the operator G_h ((F_h X F_w^T) * hat_k) G_w^T of `wavelets.axis_matrices`: exact. Only the
+"rho_psi" block with the modulus uses it: it writes phi and |psi| and nothing else. Off the TPU
+it runs in Pallas's interpreter (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pcjax.nn import complex_ops, wavelet_kernel
+
+LANES = 128
+
+
+def channel_tile(c: int) -> int:
+    """Channels per kernel step: one lane tile where c fills whole tiles, else all of them."""
+    return LANES if c % LANES == 0 else c
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelOrder:
+    """The channel order of a block's [phi ; |psi|] segments as the kernel writes them.
+
+    The reference orders |psi| by input channel, then angle (c K + k). The kernel writes tile
+    t's K moduli one after the other, [t, k, lane]: the layout in which each angle's tile is one
+    whole-lane store. Statistics and projection rows are stored in the reference's order, so
+    checkpoints do not depend on the wavelet method; these maps move a per-channel array (axis
+    0) between the two orders with a reshape and a transpose.
+    """
+
+    channels: int  # c, the block's input channels (phi's channels)
+    angles: int  # K
+
+    def from_stored(self, a: jax.Array) -> jax.Array:
+        """Reference order -> the kernel's order."""
+        c, k, tile = self.channels, self.angles, channel_tile(self.channels)
+        mods = a[c:].reshape(c // tile, tile, k, *a.shape[1:])
+        return jnp.concatenate([a[:c], jnp.swapaxes(mods, 1, 2).reshape(-1, *a.shape[1:])])
+
+    def to_stored(self, a: jax.Array) -> jax.Array:
+        """The kernel's order -> reference order."""
+        c, k, tile = self.channels, self.angles, channel_tile(self.channels)
+        mods = a[c:].reshape(c // tile, k, tile, *a.shape[1:])
+        return jnp.concatenate([a[:c], jnp.swapaxes(mods, 1, 2).reshape(-1, *a.shape[1:])])
+
+    def permutation(self) -> np.ndarray:
+        """The stored channel of each channel in the kernel's order."""
+        return np.asarray(self.from_stored(np.arange(self.channels * (1 + self.angles))))
+
+
+@functools.lru_cache(maxsize=32)
+def _constants(h: int, w: int, num_angles: int, mode: str, full_angles: bool) -> dict:
+    """The kernel's matrices as float32 (Re, Im) pairs, built in float64, forward and adjoint."""
+    from pcjax.nn import wavelets  # the transform's definitions; wavelets imports this module
+
+    bank = wavelets.bank_for_input(h, w, num_angles, mode, full_angles)
+    f_h, g_h = (m.astype(np.complex128) for m in wavelets.axis_matrices(h, bank.subsample))
+    f_w, g_w = (m.astype(np.complex128) for m in wavelets.axis_matrices(w, bank.subsample))
+    hats = np.concatenate([bank.phi_hat[None], bank.psi_hat]).astype(np.float32)  # [k1, P, Q]
+    mats = {"fw": f_w, "fh": f_h, "gh": g_h, "gw": g_w}
+    mats.update({f"{n}_adj": np.conj(np.swapaxes(m, -1, -2)) for n, m in mats.items()})
+    out = {n: (m.real.astype(np.float32), m.imag.astype(np.float32)) for n, m in mats.items()}
+    # Column q of each filter as a row [1, P]: the kernel scales G_h's columns by it.
+    out["hat"] = np.ascontiguousarray(np.transpose(hats, (0, 2, 1))[:, :, None, :])
+    out["out_shape"] = (g_h.shape[0], g_w.shape[0])
+    out["spectrum"] = (f_h.shape[0], f_w.shape[0])
+    out["num_filters"] = hats.shape[0]
+    return out
+
+
+def _dot(a, b, precision: str):
+    """[m, k] @ [k, c] under the precision policy, float32 result."""
+    if precision == "bf16":
+        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else None
+    return jnp.dot(a, b, precision=lax_precision, preferred_element_type=jnp.float32)
+
+
+def _cdot(a, b, precision: str):
+    """(Re, Im) of the complex product of (Re, Im) pairs a and b."""
+    (ar, ai), (br, bi) = a, b
+    p = functools.partial(_dot, precision=precision)
+    return p(ar, br) - p(ai, bi), p(ar, bi) + p(ai, br)
+
+
+def _per_slab(n: int, body) -> None:
+    """body(r) for r in range(n), as a loop: one copy of the products in the kernel's code."""
+    jax.lax.fori_loop(0, n, lambda r, carry: (body(r), carry)[1], 0)
+
+
+def _apply(matrix, src, dst, precision: str, matrix_at=None) -> None:
+    """dst[r] = M_r @ src[r] for every slab r of the (Re, Im) scratch pairs src and dst; M_r is
+    `matrix` or `matrix_at(r)`."""
+
+    def body(r):
+        m = matrix if matrix_at is None else matrix_at(r)
+        dst[0][r], dst[1][r] = _cdot(m, (src[0][r], src[1][r]), precision)
+
+    _per_slab(src[0].shape[0], body)
+
+
+def _swap(src, dst) -> None:
+    """dst = src with its two spatial axes swapped (in VMEM; the lanes stay)."""
+    for s, d in zip(src, dst, strict=True):
+        d[...] = jnp.swapaxes(s[...], 0, 1)
+
+
+def _read(refs, k=None):
+    return tuple(r[...] if k is None else r[k] for r in refs)
+
+
+def _spectrum(x, mats, scratch, precision: str) -> None:
+    """scratch["z"] = Z [Q, P, T] (columns first) of the input tile x [h, w, T]."""
+    _apply(_read(mats["fw"]), x, scratch["y"], precision)  # [h, Q, T]
+    _swap(scratch["y"], scratch["yt"])  # [Q, h, T]
+    _apply(_read(mats["fh"]), scratch["yt"], scratch["z"], precision)  # [Q, P, T]
+
+
+def _filtered(k: int, q, mats, adjoint: bool):
+    """G_h diag(hat_k[:, q]) (its columns scaled by filter k's column q), or its adjoint."""
+    row = mats["hat"][k, q]  # [1, P]
+    gh = tuple(m[...] * row for m in mats["gh"])
+    if not adjoint:
+        return gh
+    return jnp.transpose(gh[0]), -jnp.transpose(gh[1])
+
+
+def _coefficient(k: int, mats, scratch, each_row, precision: str) -> None:
+    """each_row(i, (Re, Im) of row i [J, T] of coefficient k) from the spectrum scratch["z"]."""
+    a_k = lambda q: _filtered(k, q, mats, adjoint=False)  # noqa: E731
+    _apply(None, scratch["z"], scratch["u"], precision, a_k)  # [Q, I, T]
+    _swap(scratch["u"], scratch["ut"])  # [I, Q, T]
+    gw, ut = _read(mats["gw"]), scratch["ut"]
+    _per_slab(ut[0].shape[0], lambda i: each_row(i, _cdot(gw, (ut[0][i], ut[1][i]), precision)))
+
+
+def _kernel(precision: str, k1: int, backward: bool, *refs) -> None:
+    """One grid step, refs in `_call`'s operand order: x (Re, Im), [the cotangents of phi (Re,
+    Im) and of the moduli], the matrices, the outputs, then the VMEM scratch pairs."""
+    it = iter(refs)
+    x = (next(it), next(it))  # refs: the loops read one slab at a time
+    if backward:
+        g_phi, g_mod = (next(it), next(it)), next(it)
+    names = ("fw", "fh", "gh", "gw") + (("fw_adj", "fh_adj", "gw_adj") if backward else ())
+    mats = {n: (next(it), next(it)) for n in names}
+    mats["hat"] = next(it)
+    outs = [next(it) for _ in range(2 if backward else 3)]
+    scratch = {n: (next(it), next(it)) for n in _SCRATCH}
+    tile = x[0].shape[-1]
+    _spectrum(x, mats, scratch, precision)
+    if not backward:
+        for k in range(k1):
+
+            def write(i, v, k=k):
+                if k == 0:
+                    outs[0][i], outs[1][i] = v
+                else:
+                    outs[2][i, :, (k - 1) * tile : k * tile] = jnp.sqrt(v[0] * v[0] + v[1] * v[1])
+
+            _coefficient(k, mats, scratch, write, precision)
+        return
+    zb = scratch["zb"]
+    zb[0][...] = jnp.zeros(zb[0].shape, jnp.float32)
+    zb[1][...] = jnp.zeros(zb[1].shape, jnp.float32)
+    gw_adj = _read(mats["gw_adj"])
+    rows = scratch["v"][0].shape[0]  # I
+    for k in range(k1):
+
+        def cotangent(i, v, k=k):  # d|v| = v / |v|, 0 at v = 0 as jnp.abs
+            if k == 0:
+                g = (g_phi[0][i], g_phi[1][i])
+            else:
+                gm = g_mod[i, :, (k - 1) * tile : k * tile]
+                mod = jnp.sqrt(v[0] * v[0] + v[1] * v[1])
+                s = jnp.where(mod > 0, gm / jnp.where(mod > 0, mod, 1.0), 0.0)
+                g = (s * v[0], s * v[1])
+            scratch["v"][0][i], scratch["v"][1][i] = _cdot(gw_adj, g, precision)
+
+        if k == 0:  # phi's cotangent needs no coefficient
+            _per_slab(rows, lambda i: cotangent(i, None))
+        else:
+            _coefficient(k, mats, scratch, cotangent, precision)
+        _swap(scratch["v"], scratch["u"])  # [Q, I, T]
+
+        def accumulate(q, k=k):
+            m = _filtered(k, q, mats, adjoint=True)
+            dr, di = _cdot(m, (scratch["u"][0][q], scratch["u"][1][q]), precision)
+            zb[0][q] += dr
+            zb[1][q] += di
+
+        _per_slab(zb[0].shape[0], accumulate)
+    _apply(_read(mats["fh_adj"]), zb, scratch["yt"], precision)  # [Q, h, T]
+    _swap(scratch["yt"], scratch["y"])  # [h, Q, T]
+    _apply(_read(mats["fw_adj"]), scratch["y"], outs, precision)  # [h, w, T]
+
+
+# VMEM scratch (Re, Im) pairs of one step; shapes in `_scratch_shapes`.
+_SCRATCH = ("y", "yt", "z", "u", "ut", "v", "zb")
+
+
+def _scratch_shapes(h, p, q, i, tile):
+    shapes = {
+        "y": (h, q, tile),
+        "yt": (q, h, tile),
+        "z": (q, p, tile),
+        "u": (q, i, tile),
+        "ut": (i, q, tile),
+        "v": (i, q, tile),
+        "zb": (q, p, tile),
+    }
+    return [shapes[n] for n in _SCRATCH for _ in range(2)]
+
+
+def _flops(h, w, p, q, i, j, tile, k1, backward: bool) -> int:
+    """Real multiply-adds x 2 of one kernel step (4 real products per complex one)."""
+    spectrum = 8 * tile * (h * q * w + q * p * h)
+    coefficient = 8 * tile * (q * i * p + i * j * q)
+    if not backward:
+        return spectrum + k1 * coefficient
+    return 2 * spectrum + (k1 - 1) * coefficient + k1 * coefficient
+
+
+def _vmem_bytes(blocks, consts, scratch) -> int:
+    """A VMEM budget for one step: the pipeline's two buffers of each block, the matrices once,
+    the scratch, and as much again for the values in flight, plus 25 %."""
+    tiled = lambda s: wavelet_kernel._tiled_bytes(tuple(d for d in s if d is not None))  # noqa: E731
+    blocks = sum(2 * tiled(b) for b in blocks)
+    consts = sum(tiled(a.shape) for a in consts)
+    return int(1.25 * (blocks + consts + 2 * sum(tiled(s) for s in scratch)))
+
+
+def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, interpret, grads=None):
+    """Forward (grads None: phi Re, Im and the moduli) or backward (the input's Re, Im)."""
+    m = _constants(h, w, num_angles, mode, full_angles)
+    ho, wo = m["out_shape"]
+    k1 = m["num_filters"]
+    b, _, _, c = xr.shape
+    tile = channel_tile(c)
+    backward = grads is not None
+    names = ("fw", "fh", "gh", "gw") + (("fw_adj", "fh_adj", "gw_adj") if backward else ())
+    consts = [jnp.asarray(v) for n in names for v in m[n]] + [jnp.asarray(m["hat"])]
+    lanes = lambda i, t: (i, 0, 0, t)  # noqa: E731
+    x_spec = pl.BlockSpec((None, h, w, tile), lanes)
+    phi_spec = pl.BlockSpec((None, ho, wo, tile), lanes)
+    mod_spec = pl.BlockSpec((None, ho, wo, (k1 - 1) * tile), lanes)
+    # The matrices are fetched once: one buffer each, not the pipeline's two.
+    once = {} if interpret else {"pipeline_mode": pl.Buffered(1)}
+    full = lambda a: pl.BlockSpec(a.shape, lambda i, t, n=a.ndim: (0,) * n, **once)  # noqa: E731
+    outs = [(phi_spec, (b, ho, wo, c))] * 2 + [(mod_spec, (b, ho, wo, (k1 - 1) * c))]
+    extra, extra_specs = [], []
+    if backward:
+        extra, extra_specs = list(grads), [s for s, _ in outs]
+        outs = [(x_spec, (b, h, w, c))] * 2
+    moved = sum(wavelet_kernel._tiled_bytes(a.shape) for a in [xr, xi, *extra])
+    moved += sum(wavelet_kernel._tiled_bytes(s) for _, s in outs)
+    moved += sum(wavelet_kernel._tiled_bytes(a.shape) for a in consts)
+    p, q = m["spectrum"]
+    cost = pl.CostEstimate(
+        flops=b * (c // tile) * _flops(h, w, p, q, ho, wo, tile, k1, backward),
+        transcendentals=b * (k1 - 1) * c * ho * wo,
+        bytes_accessed=moved,
+    )
+    scratch = _scratch_shapes(h, p, q, ho, tile)
+    kwargs = {}
+    if not interpret:
+        kwargs["compiler_params"] = pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"),
+            vmem_limit_bytes=_vmem_bytes(
+                [s.block_shape for s in [x_spec] * 2 + extra_specs + [s for s, _ in outs]],
+                consts,
+                scratch,
+            ),
+        )
+    return pl.pallas_call(
+        functools.partial(_kernel, precision, k1, backward),
+        grid=(b, c // tile),
+        in_specs=[x_spec] * 2 + extra_specs + [full(a) for a in consts],
+        out_specs=[s for s, _ in outs],
+        out_shape=[jax.ShapeDtypeStruct(s, jnp.float32) for _, s in outs],
+        scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
+        interpret=interpret,
+        cost_estimate=None if interpret else cost,
+        name="lowpass_moduli" if not backward else "lowpass_moduli_bwd",
+        **kwargs,
+    )(xr, xi, *extra, *consts)
+
+
+@functools.lru_cache(maxsize=64)
+def _transform_fn(h, w, num_angles, mode, full_angles, precision, interpret):
+    """The custom-VJP kernel pair of real planes for one static configuration."""
+    call = functools.partial(
+        _call,
+        h=h,
+        w=w,
+        num_angles=num_angles,
+        mode=mode,
+        full_angles=full_angles,
+        precision=precision,
+        interpret=interpret,
+    )
+    return wavelet_kernel.with_vjp(call)
+
+
+def lowpass_and_moduli(
+    x: jax.Array,
+    num_angles: int,
+    mode: str,
+    precision: str = "highest",
+    full_angles: bool = False,
+    backend: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """(phi, |psi|) of a complex channels-last x [b, h, w, c].
+
+    phi: complex64[b, h', w', c]; |psi|: float32[b, h', w', c K], channel a holding the
+    reference's channel `moduli_order(c, K)[a]`. `backend` and `mesh` as in
+    `wavelet_kernel.coefficients`.
+    """
+    complex_ops.check_precision(precision)
+    if x.ndim != 4 or not jnp.iscomplexobj(x):
+        raise ValueError(f"Expected a complex channels-last [batch, h, w, c] input, got {x}.")
+    interpret = (backend or jax.default_backend()) != "tpu"
+    _, h, w, _ = x.shape
+    fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, interpret)
+    fn = wavelet_kernel.split_over(fn, mesh, x.shape[0], batched_inputs=(True, True))
+    phi_r, phi_i, mod = fn(x.real, x.imag)
+    return jax.lax.complex(phi_r, phi_i), mod
