@@ -89,19 +89,9 @@ def _constants(h: int, w: int, num_angles: int, mode: str, full_angles: bool) ->
     return out
 
 
-def _dot(a, b, precision: str):
-    """[m, k] @ [k, c] under the precision policy, float32 result."""
-    if precision == "bf16":
-        a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
-    lax_precision = jax.lax.Precision.HIGHEST if precision == "highest" else None
-    return jnp.dot(a, b, precision=lax_precision, preferred_element_type=jnp.float32)
-
-
 def _cdot(a, b, precision: str):
     """(Re, Im) of the complex product of (Re, Im) pairs a and b."""
-    (ar, ai), (br, bi) = a, b
-    p = functools.partial(_dot, precision=precision)
-    return p(ar, br) - p(ai, bi), p(ar, bi) + p(ai, br)
+    return wavelet_kernel._cdot(*a, *b, precision)
 
 
 def _per_slab(n: int, body) -> None:
