@@ -1,8 +1,8 @@
 """The channels-on-lanes kernel (`pcjax.nn.moduli_kernel`), run by Pallas's interpreter on this
-host: its low-pass and moduli against the float64 oracle, its hand-written backward pass
-against autodiff of the "matmul" path, its channel order, the block built on it against the
-block built on "matmul" (train and eval, one device and eight); and, compiled for a TPU, its
-traffic in XLA's count."""
+host: its coefficients and moduli against the float64 oracle, its hand-written backward pass
+against autodiff of the "matmul" path, its channel order, blocks of both types built on it
+against blocks built on "matmul" (train and eval, one device and eight); and, compiled for a
+TPU, its traffic in XLA's count."""
 
 import jax
 import jax.numpy as jnp
@@ -21,65 +21,85 @@ def _input(shape, seed):
     return jnp.asarray(re + 1j * im, jnp.complex64)
 
 
-def _reference_moduli(psi, c, angles):
-    """|psi| [b, h, w, c K] in the reference's order, moved into the kernel's order."""
-    order = moduli_kernel.ChannelOrder(c, angles).permutation()[c:] - c
-    return np.abs(np.asarray(psi))[..., order]
+def _per_angle(psi, c, angles):
+    """psi [b, h, w, c K] in the reference's order, moved into the kernel's order."""
+    return psi[..., moduli_kernel.ChannelOrder(c, angles).permutation()[c:] - c]
 
 
 @pytest.mark.parametrize(
-    "shape,mode",
-    [((2, 12, 10, 3), "standard"), ((1, 9, 8, 256), "factorized_even")],
-    ids=["one-tile", "two-tiles"],
+    "shape,mode,keep_psi",
+    [((2, 12, 10, 3), "standard", True), ((1, 9, 8, 256), "factorized_even", False)],
+    ids=["one-tile-all-outputs", "two-tiles-moduli"],
 )
-def test_lowpass_and_moduli_match_the_float64_oracle(shape, mode):
+def test_coefficients_match_the_float64_oracle(shape, mode, keep_psi):
     x = _input(shape, seed=1)
-    phi, mod = jax.jit(lambda x: moduli_kernel.lowpass_and_moduli(x, 4, mode))(x)
+    phi, psi, mod_phi, mod_psi = jax.jit(
+        lambda x: moduli_kernel.coefficients(x, 4, mode, keep_psi=keep_psi)
+    )(x)
     want_phi, want_psi = float64_oracle.wavelet(np.asarray(x), 4, mode)
+    want_psi = _per_angle(want_psi, shape[-1], 4)
     atol = 1e-5 * float(jnp.max(jnp.abs(x)))
     np.testing.assert_allclose(phi, want_phi, rtol=0, atol=atol)
-    np.testing.assert_allclose(mod, _reference_moduli(want_psi, shape[-1], 4), rtol=0, atol=atol)
+    np.testing.assert_allclose(mod_psi, np.abs(want_psi), rtol=0, atol=atol)
+    if keep_psi:
+        np.testing.assert_allclose(psi, want_psi, rtol=0, atol=atol)
+        np.testing.assert_allclose(mod_phi, np.abs(want_phi), rtol=0, atol=atol)
+    else:
+        assert psi is None and mod_phi is None
 
 
 def test_channel_order_maps_back_and_forth():
     """Channel c + t K T + k T + l of the kernel's segments is the reference's c + (t T + l) K + k
     (tile t, angle k, lane l), and the two maps invert each other on random rows."""
     c, k, tile = 256, 8, moduli_kernel.LANES
-    order = moduli_kernel.ChannelOrder(c, k)
-    perm = order.permutation()
     t, a, lane = 1, 5, 17
-    assert perm[c + t * k * tile + a * tile + lane] == c + (t * tile + lane) * k + a
-    assert sorted(perm) == list(range(c * (k + 1)))
-    rows = jnp.asarray(np.random.default_rng(2).standard_normal((c * (k + 1), 3, 2)))
-    np.testing.assert_array_equal(order.from_stored(rows), np.asarray(rows)[perm])
-    np.testing.assert_array_equal(order.to_stored(order.from_stored(rows)), rows)
+    for keep_psi in (False, True):
+        order = moduli_kernel.ChannelOrder(c, k, keep_psi)
+        perm = order.permutation()
+        n = c * (k + 1)
+        for start in (0, n) if keep_psi else (0,):  # [phi ; psi], then [|phi| ; |psi|]
+            assert list(perm[start : start + c]) == list(range(start, start + c))
+            got = perm[start + c + t * k * tile + a * tile + lane]
+            assert got == start + c + (t * tile + lane) * k + a
+        assert sorted(perm) == list(range(len(perm)))
+        rows = jnp.asarray(np.random.default_rng(2).standard_normal((len(perm), 3, 2)))
+        np.testing.assert_array_equal(order.from_stored(rows), np.asarray(rows)[perm])
+        np.testing.assert_array_equal(order.to_stored(order.from_stored(rows)), rows)
 
 
-def test_backward_pass_equals_autodiff_of_the_matmul_path():
+@pytest.mark.parametrize("keep_psi", [False, True], ids=["rho_psi", "linear_plus_rho"])
+def test_backward_pass_equals_autodiff_of_the_matmul_path(keep_psi):
     """The kernel's adjoint products and modulus derivative against XLA's autodiff of the
-    per-axis matmul transform, for random cotangents of phi and of the moduli."""
+    per-axis matmul transform, for random cotangents of every output."""
     x = _input((2, 9, 12, 3), seed=3)
     c, angles = x.shape[-1], 4
 
     def reference(x):
         phi, psi = wavelets.wavelet_transform(x, angles, "standard", "matmul", False)
-        order = moduli_kernel.ChannelOrder(c, angles).permutation()[c:] - c
-        return phi, jnp.abs(psi)[..., order]
+        psi = _per_angle(psi, c, angles)
+        if not keep_psi:
+            return phi, None, None, jnp.abs(psi)
+        return phi, psi, jnp.abs(phi), jnp.abs(psi)
+
+    def kernel(x):
+        return moduli_kernel.coefficients(x, angles, "standard", keep_psi=keep_psi)
 
     rng = np.random.default_rng(4)
-    phi, mod = reference(x)
-    ct_phi = jnp.asarray(rng.standard_normal(phi.shape) + 1j * rng.standard_normal(phi.shape))
-    ct_mod = jnp.asarray(rng.standard_normal(mod.shape), jnp.float32)
+    cotangents = []
+    for out in reference(x):
+        ct = None if out is None else rng.standard_normal(out.shape)
+        if out is not None and jnp.iscomplexobj(out):
+            ct = ct + 1j * rng.standard_normal(out.shape)
+        cotangents.append(None if ct is None else jnp.asarray(ct, out.dtype))
 
     def loss(f):
         def value(x):
-            phi, mod = f(x)
-            return jnp.real(jnp.vdot(ct_phi.astype(jnp.complex64), phi)) + jnp.sum(ct_mod * mod)
+            pairs = zip(cotangents, f(x), strict=True)
+            return sum(jnp.real(jnp.vdot(c, o)) for c, o in pairs if c is not None)
 
         return value
 
     want = jax.grad(loss(reference))(x)
-    kernel = lambda x: moduli_kernel.lowpass_and_moduli(x, angles, "standard")  # noqa: E731
     got = jax.jit(jax.grad(loss(kernel)))(x)
     scale = float(jnp.max(jnp.abs(want)))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
@@ -90,7 +110,7 @@ def test_modulus_gradient_is_zero_where_a_coefficient_is_zero():
     x = _input((1, 8, 8, 2), seed=5).at[..., 1].set(0)
 
     def loss(x):
-        return jnp.sum(moduli_kernel.lowpass_and_moduli(x, 4, "standard")[1])
+        return jnp.sum(moduli_kernel.coefficients(x, 4, "standard")[3])
 
     g = jax.grad(loss)(x)
     assert bool(jnp.all(jnp.isfinite(g.real)) and jnp.all(jnp.isfinite(g.imag)))
@@ -105,15 +125,21 @@ def test_auto_puts_blocks_whose_channels_fill_the_lanes_on_the_kernel():
     on_tpu = lambda **kw: wavelets.choose_method(14, 14, "auto", "tpu", **kw)  # noqa: E731
     assert on_tpu(moduli_only=True, lanes=True) == "pallas"
     assert on_tpu(moduli_only=True) == "matmul"
-    assert on_tpu(lanes=True) == "matmul"  # the kernel writes moduli only
+    assert on_tpu(lanes=True) == "pallas"  # linear_plus_rho with the modulus
+    assert on_tpu() == "matmul"
     assert wavelets.choose_method(14, 14, "auto", "cpu", True, True) == "fft"
 
 
-def _block_results(method, x, mesh=None):
+def _block_results(method, x, block_type="rho_psi", mesh=None):
     """A train step's output, batch statistics and gradients of a 128-channel block, then its
     eval output from the statistics that step stored."""
     block = layers.PhaseCollapseBlock(
-        features=6, num_angles=4, filter_mode="factorized_odd", wavelet_method=method, mesh=mesh
+        features=6,
+        num_angles=4,
+        filter_mode="factorized_odd",
+        block_type=block_type,
+        wavelet_method=method,
+        mesh=mesh,
     )
     variables = block.init(jax.random.key(0), x, True)
 
@@ -128,15 +154,17 @@ def _block_results(method, x, mesh=None):
 
 
 @pytest.mark.slow
-def test_block_on_the_kernel_equals_the_block_on_matmul():
+@pytest.mark.parametrize("block_type", layers.BLOCK_TYPES)
+def test_block_on_the_kernel_equals_the_block_on_matmul(block_type):
     """Train-mode output, batch statistics (stored in the reference's channel order) and every
     gradient, then the eval output from those statistics; also with the batch split over the
     eight devices, each running the kernel on its share."""
     x = jnp.moveaxis(_input((8, moduli_kernel.LANES, 6, 6), seed=6), 1, -1)
-    want = _block_results("matmul", x)
+    want = _block_results("matmul", x, block_type)
     mesh = sharding.make_mesh()
     placed = jax.device_put(x, sharding.batch_sharded(mesh))
-    for got in (_block_results("pallas", x), _block_results("pallas", placed, mesh)):
+    got_one = _block_results("pallas", x, block_type)
+    for got in (got_one, _block_results("pallas", placed, block_type, mesh)):
         for w, g in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
             # float32 sums over the 640 projected channels, in another order: the input's
             # gradient (through the statistics, where terms cancel) differs by ~7e-6 of its scale.
@@ -156,7 +184,7 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
     x = jax.ShapeDtypeStruct((batch, m, m, c), jnp.complex64, sharding=place)
 
     def loss(x):
-        phi, mod = moduli_kernel.lowpass_and_moduli(x, 8, "standard", backend="tpu")
+        phi, _, _, mod = moduli_kernel.coefficients(x, 8, "standard", backend="tpu")
         return jnp.sum(jnp.abs(phi)) + jnp.sum(mod)
 
     compiled = jax.jit(jax.grad(loss)).lower(x).compile()

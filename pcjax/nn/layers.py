@@ -307,18 +307,22 @@ class PhaseCollapseBlock(nn.Module):
         return [phi, flat(psi), jnp.concatenate([mod_phi, flat(mod_psi)], axis=1)]
 
     def _lanes_parts(self, x: jax.Array) -> tuple[list[jax.Array], moduli_kernel.ChannelOrder]:
-        """[phi, |psi|] channels-last from the kernel that holds channels on the TPU's lanes
-        (`moduli_kernel`), and the order its moduli come in."""
-        phi, mod = moduli_kernel.lowpass_and_moduli(
+        """R(W U) of the modulus, channels-last, from the kernel that holds channels on the
+        TPU's lanes (`moduli_kernel`), and the order its per-angle channels come in."""
+        keep_psi = self.block_type == "linear_plus_rho"
+        phi, psi, mod_phi, mod_psi = moduli_kernel.coefficients(
             wavelets.zero_nonfinite_grad(x),
             self.num_angles,
             self.filter_mode,
             self.precision,
             self.full_angles,
+            keep_psi,
             backend=self.backend,
             mesh=self.mesh,
         )
-        return [phi, mod], moduli_kernel.ChannelOrder(x.shape[-1], mod.shape[-1] // x.shape[-1])
+        parts = [phi, psi, mod_phi, mod_psi] if keep_psi else [phi, mod_psi]
+        angles = mod_psi.shape[-1] // x.shape[-1]
+        return parts, moduli_kernel.ChannelOrder(x.shape[-1], angles, keep_psi)
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
@@ -332,7 +336,7 @@ class PhaseCollapseBlock(nn.Module):
         # or reduce over the spatial axes there); the other paths stay channels-last, and so
         # does the Pallas kernel of a block whose channels fill the lanes (`moduli_kernel`).
         moduli_only = self.block_type == "rho_psi" and self.nonlinearity == "mod"
-        lanes = moduli_only and wavelets.kernel_on_lanes(x)
+        lanes = self.nonlinearity == "mod" and wavelets.kernel_on_lanes(x)
         method = (
             wavelets.choose_method(
                 x.shape[1], x.shape[2], self.wavelet_method, self.backend, moduli_only, lanes

@@ -40,33 +40,46 @@ def channel_tile(c: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class ChannelOrder:
-    """The channel order of a block's [phi ; |psi|] segments as the kernel writes them.
+    """The channel order of a block's segments as the kernel writes them: [phi ; |psi|], or
+    with `keep_psi` [phi ; psi ; |phi| ; |psi|].
 
-    The reference orders |psi| by input channel, then angle (c K + k). The kernel writes tile
-    t's K moduli one after the other, [t, k, lane]: the layout in which each angle's tile is one
-    whole-lane store. Statistics and projection rows are stored in the reference's order, so
-    checkpoints do not depend on the wavelet method; these maps move a per-channel array (axis
-    0) between the two orders with a reshape and a transpose.
+    The reference orders psi and |psi| by input channel, then angle (c K + k). The kernel
+    writes tile t's K angles one after the other, [t, k, lane]: the layout in which each angle's
+    tile is one whole-lane store. Statistics and projection rows are stored in the reference's
+    order, so checkpoints do not depend on the wavelet method; these maps move a per-channel
+    array (axis 0) between the two orders with reshapes and transposes.
     """
 
     channels: int  # c, the block's input channels (phi's channels)
     angles: int  # K
+    keep_psi: bool = False
+
+    def _map(self, a: jax.Array, to_stored: bool) -> jax.Array:
+        c, k, tile = self.channels, self.angles, channel_tile(self.channels)
+        sections = [(c, False), (c * k, True)] * (2 if self.keep_psi else 1)
+        parts, start = [], 0
+        for size, per_angle in sections:
+            part = a[start : start + size]
+            start += size
+            if per_angle:
+                inner = (k, tile) if to_stored else (tile, k)
+                part = part.reshape(c // tile, *inner, *a.shape[1:])
+                part = jnp.swapaxes(part, 1, 2).reshape(-1, *a.shape[1:])
+            parts.append(part)
+        return jnp.concatenate(parts)
 
     def from_stored(self, a: jax.Array) -> jax.Array:
         """Reference order -> the kernel's order."""
-        c, k, tile = self.channels, self.angles, channel_tile(self.channels)
-        mods = a[c:].reshape(c // tile, tile, k, *a.shape[1:])
-        return jnp.concatenate([a[:c], jnp.swapaxes(mods, 1, 2).reshape(-1, *a.shape[1:])])
+        return self._map(a, to_stored=False)
 
     def to_stored(self, a: jax.Array) -> jax.Array:
         """The kernel's order -> reference order."""
-        c, k, tile = self.channels, self.angles, channel_tile(self.channels)
-        mods = a[c:].reshape(c // tile, k, tile, *a.shape[1:])
-        return jnp.concatenate([a[:c], jnp.swapaxes(mods, 1, 2).reshape(-1, *a.shape[1:])])
+        return self._map(a, to_stored=True)
 
     def permutation(self) -> np.ndarray:
         """The stored channel of each channel in the kernel's order."""
-        return np.asarray(self.from_stored(np.arange(self.channels * (1 + self.angles))))
+        n = self.channels * (1 + self.angles) * (2 if self.keep_psi else 1)
+        return np.asarray(self.from_stored(np.arange(n)))
 
 
 @functools.lru_cache(maxsize=32)
@@ -145,17 +158,26 @@ def _coefficient(k: int, mats, scratch, each_row, precision: str) -> None:
     _per_slab(ut[0].shape[0], lambda i: each_row(i, _cdot(gw, (ut[0][i], ut[1][i]), precision)))
 
 
-def _kernel(precision: str, k1: int, backward: bool, *refs) -> None:
-    """One grid step, refs in `_call`'s operand order: x (Re, Im), [the cotangents of phi (Re,
-    Im) and of the moduli], the matrices, the outputs, then the VMEM scratch pairs."""
+def _modulus(v):
+    return jnp.sqrt(v[0] * v[0] + v[1] * v[1])
+
+
+def _kernel(precision: str, k1: int, keep_psi: bool, backward: bool, *refs) -> None:
+    """One grid step, refs in `_call`'s operand order: x (Re, Im), [the cotangents of the
+    outputs], the matrices, the outputs, then the VMEM scratch pairs. The outputs: phi (Re,
+    Im), with `keep_psi` psi (Re, Im) and |phi|, then |psi|; psi and |psi| are [h', w', K T],
+    angle k's tile at lanes k T."""
     it = iter(refs)
     x = (next(it), next(it))  # refs: the loops read one slab at a time
     if backward:
-        g_phi, g_mod = (next(it), next(it)), next(it)
+        g = {"phi": (next(it), next(it))}
+        if keep_psi:
+            g["psi"], g["mod_phi"] = (next(it), next(it)), next(it)
+        g["mod_psi"] = next(it)
     names = ("fw", "fh", "gh", "gw") + (("fw_adj", "fh_adj", "gw_adj") if backward else ())
     mats = {n: (next(it), next(it)) for n in names}
     mats["hat"] = next(it)
-    outs = [next(it) for _ in range(2 if backward else 3)]
+    outs = [next(it) for _ in range(2 if backward else 6 if keep_psi else 3)]
     scratch = {n: (next(it), next(it)) for n in _SCRATCH}
     tile = x[0].shape[-1]
     _spectrum(x, mats, scratch, precision)
@@ -163,10 +185,15 @@ def _kernel(precision: str, k1: int, backward: bool, *refs) -> None:
         for k in range(k1):
 
             def write(i, v, k=k):
+                lanes = slice((k - 1) * tile, k * tile)
                 if k == 0:
                     outs[0][i], outs[1][i] = v
-                else:
-                    outs[2][i, :, (k - 1) * tile : k * tile] = jnp.sqrt(v[0] * v[0] + v[1] * v[1])
+                    if keep_psi:
+                        outs[4][i] = _modulus(v)
+                    return
+                if keep_psi:
+                    outs[2][i, :, lanes], outs[3][i, :, lanes] = v
+                outs[-1][i, :, lanes] = _modulus(v)
 
             _coefficient(k, mats, scratch, write, precision)
         return
@@ -177,17 +204,25 @@ def _kernel(precision: str, k1: int, backward: bool, *refs) -> None:
     rows = scratch["v"][0].shape[0]  # I
     for k in range(k1):
 
-        def cotangent(i, v, k=k):  # d|v| = v / |v|, 0 at v = 0 as jnp.abs
+        def cotangent(i, v, k=k):
+            lanes = slice((k - 1) * tile, k * tile)
             if k == 0:
-                g = (g_phi[0][i], g_phi[1][i])
+                gr, gi = g["phi"][0][i], g["phi"][1][i]
+                gm = g["mod_phi"][i] if keep_psi else None
             else:
-                gm = g_mod[i, :, (k - 1) * tile : k * tile]
-                mod = jnp.sqrt(v[0] * v[0] + v[1] * v[1])
+                gm = g["mod_psi"][i, :, lanes]
+                if keep_psi:
+                    gr, gi = g["psi"][0][i, :, lanes], g["psi"][1][i, :, lanes]
+            if gm is not None:  # d|v| = v / |v|, 0 at v = 0 as jnp.abs
+                mod = _modulus(v)
                 s = jnp.where(mod > 0, gm / jnp.where(mod > 0, mod, 1.0), 0.0)
-                g = (s * v[0], s * v[1])
-            scratch["v"][0][i], scratch["v"][1][i] = _cdot(gw_adj, g, precision)
+                if k == 0 or keep_psi:
+                    gr, gi = gr + s * v[0], gi + s * v[1]
+                else:
+                    gr, gi = s * v[0], s * v[1]
+            scratch["v"][0][i], scratch["v"][1][i] = _cdot(gw_adj, (gr, gi), precision)
 
-        if k == 0:  # phi's cotangent needs no coefficient
+        if k == 0 and not keep_psi:  # phi's cotangent alone needs no coefficient
             _per_slab(rows, lambda i: cotangent(i, None))
         else:
             _coefficient(k, mats, scratch, cotangent, precision)
@@ -240,8 +275,8 @@ def _vmem_bytes(blocks, consts, scratch) -> int:
     return int(1.25 * (blocks + consts + 2 * sum(tiled(s) for s in scratch)))
 
 
-def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, interpret, grads=None):
-    """Forward (grads None: phi Re, Im and the moduli) or backward (the input's Re, Im)."""
+def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, keep_psi, interpret, grads=None):
+    """Forward (grads None: the outputs of `_kernel`) or backward (the input's Re, Im)."""
     m = _constants(h, w, num_angles, mode, full_angles)
     ho, wo = m["out_shape"]
     k1 = m["num_filters"]
@@ -257,7 +292,11 @@ def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, interpret, gra
     # The matrices are fetched once: one buffer each, not the pipeline's two.
     once = {} if interpret else {"pipeline_mode": pl.Buffered(1)}
     full = lambda a: pl.BlockSpec(a.shape, lambda i, t, n=a.ndim: (0,) * n, **once)  # noqa: E731
-    outs = [(phi_spec, (b, ho, wo, c))] * 2 + [(mod_spec, (b, ho, wo, (k1 - 1) * c))]
+    per_angle = (mod_spec, (b, ho, wo, (k1 - 1) * c))
+    outs = [(phi_spec, (b, ho, wo, c))] * 2
+    if keep_psi:
+        outs += [per_angle] * 2 + [(phi_spec, (b, ho, wo, c))]
+    outs += [per_angle]
     extra, extra_specs = [], []
     if backward:
         extra, extra_specs = list(grads), [s for s, _ in outs]
@@ -283,7 +322,7 @@ def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, interpret, gra
             ),
         )
     return pl.pallas_call(
-        functools.partial(_kernel, precision, k1, backward),
+        functools.partial(_kernel, precision, k1, keep_psi, backward),
         grid=(b, c // tile),
         in_specs=[x_spec] * 2 + extra_specs + [full(a) for a in consts],
         out_specs=[s for s, _ in outs],
@@ -291,13 +330,13 @@ def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, interpret, gra
         scratch_shapes=[pltpu.VMEM(s, jnp.float32) for s in scratch],
         interpret=interpret,
         cost_estimate=None if interpret else cost,
-        name="lowpass_moduli" if not backward else "lowpass_moduli_bwd",
+        name="lanes_coefficients" if not backward else "lanes_coefficients_bwd",
         **kwargs,
     )(xr, xi, *extra, *consts)
 
 
 @functools.lru_cache(maxsize=64)
-def _transform_fn(h, w, num_angles, mode, full_angles, precision, interpret):
+def _transform_fn(h, w, num_angles, mode, full_angles, precision, keep_psi, interpret):
     """The custom-VJP kernel pair of real planes for one static configuration."""
     call = functools.partial(
         _call,
@@ -307,32 +346,38 @@ def _transform_fn(h, w, num_angles, mode, full_angles, precision, interpret):
         mode=mode,
         full_angles=full_angles,
         precision=precision,
+        keep_psi=keep_psi,
         interpret=interpret,
     )
     return wavelet_kernel.with_vjp(call)
 
 
-def lowpass_and_moduli(
+def coefficients(
     x: jax.Array,
     num_angles: int,
     mode: str,
     precision: str = "highest",
     full_angles: bool = False,
+    keep_psi: bool = False,
     backend: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
-) -> tuple[jax.Array, jax.Array]:
-    """(phi, |psi|) of a complex channels-last x [b, h, w, c].
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, jax.Array]:
+    """(phi, psi, |phi|, |psi|) of a complex channels-last x [b, h, w, c].
 
-    phi: complex64[b, h', w', c]; |psi|: float32[b, h', w', c K], channel a holding the
-    reference's channel `moduli_order(c, K)[a]`. `backend` and `mesh` as in
-    `wavelet_kernel.coefficients`.
+    phi: complex64[b, h', w', c]; |psi|: float32[b, h', w', c K]; with `keep_psi` also psi,
+    complex64 like |psi|, and |phi| float32 like phi (else None). Channel a of psi and |psi| is
+    the reference's channel `ChannelOrder(c, K).permutation()[c + a] - c`. `backend` and
+    `mesh` as in `wavelet_kernel.coefficients`.
     """
     complex_ops.check_precision(precision)
     if x.ndim != 4 or not jnp.iscomplexobj(x):
         raise ValueError(f"Expected a complex channels-last [batch, h, w, c] input, got {x}.")
     interpret = (backend or jax.default_backend()) != "tpu"
     _, h, w, _ = x.shape
-    fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, interpret)
+    fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, keep_psi, interpret)
     fn = wavelet_kernel.split_over(fn, mesh, x.shape[0], batched_inputs=(True, True))
-    phi_r, phi_i, mod = fn(x.real, x.imag)
-    return jax.lax.complex(phi_r, phi_i), mod
+    outs = fn(x.real, x.imag)
+    phi = jax.lax.complex(outs[0], outs[1])
+    if not keep_psi:
+        return phi, None, None, outs[2]
+    return phi, jax.lax.complex(outs[2], outs[3]), outs[4], outs[5]

@@ -309,16 +309,16 @@ def choose_method(
     moduli_only: bool = False,
     lanes: bool = False,
 ) -> str:
-    """Resolves "auto" per backend: on TPU "pallas" for a block that keeps only the moduli of
-    its wavelets (`moduli_only`) where its channels fill the lanes (`lanes`, see
-    `kernel_on_lanes`) or from 28x28 up, else "matmul"; dense "spatial" up to 8x8, above it
-    "fft", on CPU (measured) and GPU."""
+    """Resolves "auto" per backend: on TPU "pallas" for a modulus block whose channels fill
+    the lanes (`lanes`, see `kernel_on_lanes`), or that keeps only the moduli of its wavelets
+    (`moduli_only`) from 28x28 up, else "matmul"; dense "spatial" up to 8x8, above it "fft",
+    on CPU (measured) and GPU."""
     if method not in METHODS:
         raise ValueError(f"Unknown wavelet method {method!r}; valid choices: {METHODS}.")
     if method != "auto":
         return method
     if (backend or jax.default_backend()) == "tpu":
-        kernel = moduli_only and (lanes or h * w >= PALLAS_MIN_PIXELS)
+        kernel = lanes or (moduli_only and h * w >= PALLAS_MIN_PIXELS)
         return "pallas" if kernel else "matmul"
     return "spatial" if h * w <= SPATIAL_MAX_PIXELS else "fft"
 
