@@ -119,9 +119,11 @@ def test_modulus_gradient_is_zero_where_a_coefficient_is_zero():
 
 
 def test_auto_puts_blocks_whose_channels_fill_the_lanes_on_the_kernel():
-    assert wavelets.kernel_on_lanes(jnp.zeros((1, 4, 4, 256), jnp.complex64))
-    assert not wavelets.kernel_on_lanes(jnp.zeros((1, 4, 4, 96), jnp.complex64))
-    assert not wavelets.kernel_on_lanes(jnp.zeros((1, 4, 4, 128), jnp.float32))
+    on_lanes = lambda c, dtype=jnp.complex64: wavelets.kernel_on_lanes(  # noqa: E731
+        jnp.zeros((1, 4, 4, c), dtype)
+    )
+    assert on_lanes(256) and on_lanes(128) and on_lanes(64)  # 64: one tile, half full
+    assert not on_lanes(32) and not on_lanes(192) and not on_lanes(128, jnp.float32)
     on_tpu = lambda **kw: wavelets.choose_method(14, 14, "auto", "tpu", **kw)  # noqa: E731
     assert on_tpu(moduli_only=True, lanes=True) == "pallas"
     assert on_tpu(moduli_only=True) == "matmul"
@@ -198,3 +200,19 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
     )
     assert cost["bytes accessed"] >= least
     assert cost["flops"] > 0
+
+
+def test_the_kernel_is_kept_to_what_fits_a_chips_vmem(monkeypatch):
+    """Block 4 of the ImageNet net (56x56x128) fits a v5e core's 128 MiB of VMEM, not a v4's
+    16 or a v5p's 64 (whose compilers refuse it: 68.7 MB needed on the v5p); the 14x14 blocks
+    fit all three. Off the TPU (the interpreter) nothing is refused."""
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    chip = {n: targets.devices(targets.get_target(n))[0] for n in ("v4-8", "v5e-8", "v5p-8")}
+    block4, block7 = (16, 56, 56, 128), (16, 14, 14, 512)
+    fits = lambda shape, device: moduli_kernel.fits(  # noqa: E731
+        shape, 8, "factorized_even", False, False, device
+    )
+    assert fits(block4, chip["v5e-8"])
+    assert not fits(block4, chip["v4-8"]) and not fits(block4, chip["v5p-8"])
+    assert all(fits(block7, d) for d in chip.values())
+    assert fits(block4, None) and fits(block4, jax.devices("cpu")[0])

@@ -306,6 +306,12 @@ class PhaseCollapseBlock(nn.Module):
             return [phi, flat(mod_psi)]
         return [phi, flat(psi), jnp.concatenate([mod_phi, flat(mod_psi)], axis=1)]
 
+    def _device(self):
+        """One of the chips the block is compiled for: the mesh's, else the host's."""
+        if self.mesh is not None:
+            return self.mesh.devices.flat[0]
+        return jax.devices()[0] if (self.backend or jax.default_backend()) == "tpu" else None
+
     def _lanes_parts(self, x: jax.Array) -> tuple[list[jax.Array], moduli_kernel.ChannelOrder]:
         """R(W U) of the modulus, channels-last, from the kernel that holds channels on the
         TPU's lanes (`moduli_kernel`), and the order its per-angle channels come in."""
@@ -336,7 +342,18 @@ class PhaseCollapseBlock(nn.Module):
         # or reduce over the spatial axes there); the other paths stay channels-last, and so
         # does the Pallas kernel of a block whose channels fill the lanes (`moduli_kernel`).
         moduli_only = self.block_type == "rho_psi" and self.nonlinearity == "mod"
-        lanes = self.nonlinearity == "mod" and wavelets.kernel_on_lanes(x)
+        lanes = (
+            self.nonlinearity == "mod"
+            and wavelets.kernel_on_lanes(x)
+            and moduli_kernel.fits(
+                x.shape,
+                self.num_angles,
+                self.filter_mode,
+                self.full_angles,
+                self.block_type == "linear_plus_rho",
+                self._device(),
+            )
+        )
         method = (
             wavelets.choose_method(
                 x.shape[1], x.shape[2], self.wavelet_method, self.backend, moduli_only, lanes

@@ -281,13 +281,14 @@ def _matmul_planes(
 
 
 # "auto" on TPUs, by XLA:TPU's compiled figures of each ImageNet block (docs/scale.md, "Per
-# block"): the Pallas kernel where the block keeps only the moduli of its wavelets (rho_psi with
-# the modulus) and from 28x28 inputs up, where it moves 2 to 60 % fewer bytes than the "matmul"
-# path. Below 28x28 its planes pad to whole (8, 128) tiles, and a block that also keeps the
-# complex wavelets (linear_plus_rho) moves more with it from 56x56 down; "matmul" there. Both
-# move fewer bytes than the FFT path (about half on the large blocks) and than the dense
-# operator on the 7x7 and 6x6 blocks; TPU FFTs also run at a reduced precision that cannot be
-# raised.
+# block"). A block with the modulus whose channels fill the 128 lanes: the lanes kernel
+# (`moduli_kernel`), which moved 2 to 5 times fewer bytes than "matmul" on every such block of
+# both presets. Otherwise the per-image kernel (`wavelet_kernel`) where the block keeps only
+# the moduli of its wavelets (rho_psi with the modulus) and from 28x28 inputs up, where it moves
+# 2 to 60 % fewer bytes than "matmul"; below 28x28 its planes pad to whole (8, 128) tiles, and
+# a block that also keeps the complex wavelets moves more with it; "matmul" there. All move
+# fewer bytes than the FFT path (about half on the large blocks) and than the dense operator
+# on the 7x7 and 6x6 blocks; TPU FFTs also run at a reduced precision that cannot be raised.
 PALLAS_MIN_PIXELS = 28 * 28
 
 
@@ -295,10 +296,10 @@ PALLAS_MIN_PIXELS = 28 * 28
 # docs/benchmarks/accelerator.md: cuFFT runs at full float32 accuracy and at memory speed, so
 # the FFT path moves the least data, and the dense operator is cheaper up to 8x8 inputs.
 def kernel_on_lanes(x: jax.Array) -> bool:
-    """Whether the "pallas" method runs channels on the lanes (`moduli_kernel`) for a block's
-    channels-last input x rather than one channel image per step (`wavelet_kernel`): complex
-    inputs whose channels fill whole 128-lane tiles."""
-    return jnp.iscomplexobj(x) and x.ndim == 4 and x.shape[-1] % moduli_kernel.LANES == 0
+    """Whether the "pallas" method can run channels on the lanes (`moduli_kernel`) for a
+    block's channels-last input x rather than one channel image per step (`wavelet_kernel`):
+    complex inputs whose channels fill the lanes (`moduli_kernel.fills_lanes`)."""
+    return jnp.iscomplexobj(x) and x.ndim == 4 and moduli_kernel.fills_lanes(x.shape[-1])
 
 
 def choose_method(
