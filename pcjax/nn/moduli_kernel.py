@@ -284,11 +284,12 @@ def _flops(h, w, p, q, i, j, tile, k1, backward: bool) -> int:
 
 def _vmem_bytes(blocks, consts, scratch) -> int:
     """A VMEM budget for one step: the pipeline's two buffers of each block, the matrices once,
-    the scratch, and as much again for the values in flight. Mosaic needed 68.7 MB for block 4
-    of the ImageNet net's backward kernel (56x56x128), budgeted at 99 MB."""
+    the scratch, and as much again for the values in flight; at least 4 MiB. Mosaic needed
+    68.7 MB for block 4 of the ImageNet net's backward kernel (56x56x128), budgeted at 99 MB;
+    1.75 MB on a v4 for a 7x7x512 block, budgeted at 1.68 MB without the floor."""
     tiled = wavelet_kernel._tiled_bytes
     total = sum(2 * tiled(b) for b in blocks) + sum(tiled(a) for a in consts)
-    return total + 2 * sum(tiled(s) for s in scratch)
+    return max(total + 2 * sum(tiled(s) for s in scratch), 4 * 2**20)
 
 
 # Device kinds of TPU cores -> pltpu.ChipVersion values, for their VMEM capacity.
@@ -310,7 +311,9 @@ _SMALLEST_VMEM = 16 * 2**20  # v2-v4: what an unknown TPU is taken to have
 
 def fits(shape, num_angles, mode, full_angles, keep_psi: bool, device=None) -> bool:
     """Whether both kernels' steps for a [b, h, w, c] input fit the VMEM of `device`'s TPU
-    core (True off the TPU, where the interpreter runs it, and for device None)."""
+    core with a quarter to spare (True off the TPU, where the interpreter runs it, and for
+    device None). Cores of less than 64 MiB (v2-v4) are left to the other paths: on a v4 the
+    14x14x512 backward kernel asked for 16.7 MB of its 16."""
     if device is None or device.platform != "tpu":
         return True
     chip = _CHIPS.get(device.device_kind)
@@ -322,7 +325,7 @@ def fits(shape, num_angles, mode, full_angles, keep_psi: bool, device=None) -> b
     _, h, w, c = shape
     m = _constants(h, w, num_angles, mode, full_angles)
     need = max(_vmem_bytes(*_step_shapes(h, w, c, m, keep_psi, b)) for b in (False, True))
-    return need <= capacity
+    return capacity >= 64 * 2**20 and need <= 0.75 * capacity
 
 
 def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, keep_psi, interpret, grads=None):
