@@ -135,8 +135,8 @@ def _swap(src, dst) -> None:
         d[...] = jnp.swapaxes(s[...], 0, 1)
 
 
-def _read(refs, k=None):
-    return tuple(r[...] if k is None else r[k] for r in refs)
+def _read(refs):
+    return tuple(r[...] for r in refs)
 
 
 def _spectrum(x, mats, scratch, precision: str) -> None:
@@ -384,23 +384,6 @@ def _call(xr, xi, h, w, num_angles, mode, full_angles, precision, keep_psi, inte
     )(xr, xi, *extra, *consts)
 
 
-@functools.lru_cache(maxsize=64)
-def _transform_fn(h, w, num_angles, mode, full_angles, precision, keep_psi, interpret):
-    """The custom-VJP kernel pair of real planes for one static configuration."""
-    call = functools.partial(
-        _call,
-        h=h,
-        w=w,
-        num_angles=num_angles,
-        mode=mode,
-        full_angles=full_angles,
-        precision=precision,
-        keep_psi=keep_psi,
-        interpret=interpret,
-    )
-    return wavelet_kernel.with_vjp(call)
-
-
 def coefficients(
     x: jax.Array,
     num_angles: int,
@@ -423,7 +406,17 @@ def coefficients(
         raise ValueError(f"Expected a complex channels-last [batch, h, w, c] input, got {x}.")
     interpret = (backend or jax.default_backend()) != "tpu"
     _, h, w, _ = x.shape
-    fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, keep_psi, interpret)
+    fn = wavelet_kernel.kernel_vjp(
+        _call,
+        h=h,
+        w=w,
+        num_angles=num_angles,
+        mode=mode,
+        full_angles=full_angles,
+        precision=precision,
+        keep_psi=keep_psi,
+        interpret=interpret,
+    )
     fn = wavelet_kernel.split_over(fn, mesh, x.shape[0], batched_inputs=(True, True))
     outs = fn(x.real, x.imag)
     phi = jax.lax.complex(outs[0], outs[1])

@@ -340,21 +340,11 @@ def with_vjp(call, complex_input: bool = True):
     return f
 
 
-@functools.lru_cache(maxsize=64)
-def _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, interpret, cplx):
-    """The custom-VJP transform of real planes for one static configuration."""
-    call = functools.partial(
-        _kernel_call,
-        h=h,
-        w=w,
-        num_angles=num_angles,
-        mode=mode,
-        full_angles=full_angles,
-        precision=precision,
-        outputs=outputs,
-        interpret=interpret,
-    )
-    return with_vjp(call, cplx)
+@functools.lru_cache(maxsize=128)
+def kernel_vjp(call, complex_input: bool = True, **static):
+    """`with_vjp` of call(xr, xi, **static, grads=None) for one static configuration, built
+    once per configuration (the kernels' forward/backward pallas_call builders)."""
+    return with_vjp(functools.partial(call, **static), complex_input)
 
 
 def coefficients(
@@ -385,7 +375,18 @@ def coefficients(
     xr = x.real if cplx else x.astype(jnp.float32)
     xi = x.imag if cplx else jnp.zeros((), jnp.float32)
     _, _, h, w = x.shape
-    fn = _transform_fn(h, w, num_angles, mode, full_angles, precision, outputs, interpret, cplx)
+    fn = kernel_vjp(
+        _kernel_call,
+        cplx,
+        h=h,
+        w=w,
+        num_angles=num_angles,
+        mode=mode,
+        full_angles=full_angles,
+        precision=precision,
+        outputs=outputs,
+        interpret=interpret,
+    )
     fn = split_over(fn, mesh, x.shape[0], batched_inputs=(True, cplx))
     outs = iter(fn(xr, xi))
     phi = next(outs)
