@@ -2,14 +2,15 @@
 
 import atexit
 import os
-import re
 import shutil
 import tempfile
 
+from tests.support import xla
+
 # Must happen before the first `import jax` anywhere in the test session. A user's own XLA_FLAGS
-# are kept, except a device count of their own: the tests are written for eight devices.
-_flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", os.environ.get("XLA_FLAGS", ""))
-os.environ["XLA_FLAGS"] = f"{_flags.strip()} --xla_force_host_platform_device_count=8".strip()
+# are kept, except a device count of their own: the tests are written for eight devices. The
+# CPU programs compile at LLVM -O0 unless the user's flags set a level (tests/support/xla.py).
+os.environ["XLA_FLAGS"] = xla.xla_flags(8, os.environ.get("XLA_FLAGS", ""))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

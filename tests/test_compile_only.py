@@ -1,8 +1,9 @@
 """--compile_for: the trainer's steps compiled for TPU slices (and GPUs) this machine lacks.
 
 TPU programs compile with libtpu on the CPU; a missing libtpu fails these tests with the
-install line. The programs are the smallest that show each behaviour; whole-network compiles
-(the notebook's config, a CIFAR-10 smoke preset) are marked slow.
+install line. The programs are the smallest that show each behaviour. Whatever compiles for an
+accelerator is marked slow (the lane to run while editing keeps target names, meshes, lowering
+and `local`), and the notebook's config for a v5e chip heavy.
 """
 
 import os
@@ -113,6 +114,7 @@ def test_auto_wavelets_resolve_for_the_target_platform_not_the_host():
     assert "fft" in texts["cpu"] and "fft" not in texts["tpu"]
 
 
+@pytest.mark.slow
 def test_tiny_net_report_on_a_v5e_slice():
     result = _tiny_result("v5e-4")
     _assert_report_positive(result)
@@ -190,7 +192,10 @@ def test_cli_prints_the_table_without_a_workdir(tmp_path):
     assert not [n for n in written if n.startswith(("jit_train_step", "jit_eval_step"))], written
 
 
-@pytest.mark.slow
+# A minute of compile on 2 cores for a program of tens of MiB against a chip's 16 GiB: outside
+# `make test`, with the other long TPU compiles (`make test-heavy`). A whole network's TPU compile
+# stays in `make test` through `test_cifar_smoke_preset_on_a_v5e_slice`.
+@pytest.mark.heavy
 def test_notebook_config_fits_a_colab_v5e_chip():
     """The Colab notebook trains digits.get_config() on one chip (Colab's TPU runtime). Its
     train step is the larger program (it keeps activations for the backward pass), so only
@@ -223,6 +228,7 @@ def test_cifar_smoke_preset_on_a_v5e_slice():
     assert "roofline" in text and "matmul precision=bf16" in text
 
 
+@pytest.mark.slow
 def test_gpu_compile_only_counts_flops_from_the_hlo():
     """H100s without a GPU: the CUDA plugin compiles; its executable reports no cost analysis,
     so FLOPs and bytes come from XLA's HLO cost analysis."""
@@ -249,6 +255,7 @@ def test_usable_memory_is_a_tpus_hbm_and_jaxs_default_pool_on_a_gpu():
             targets.usable_bytes(h200, {"XLA_CLIENT_MEM_FRACTION": bad})
 
 
+@pytest.mark.slow  # a search: about eight compiles of seconds each
 def test_gpu_out_of_memory_is_judged_against_the_pool_a_process_gets(monkeypatch):
     """No GPU compiler checks memory: the total is held against JAX's pool (75 % of HBM, or
     XLA_CLIENT_MEM_FRACTION), and a program over it gets the one line and a batch that fits."""
@@ -257,6 +264,7 @@ def test_gpu_out_of_memory_is_judged_against_the_pool_a_process_gets(monkeypatch
     except targets.MissingCompiler as error:
         pytest.skip(str(error))
     config = _tiny_digits()
+    config.data.global_batch_size = 16  # a short search: a few compiles of seconds each
     setup = compile_only.setup_target("h100-1")
     chip = targets.CHIPS["h100"]
     report, _, _ = compile_only.compile_step(config, setup, "train")

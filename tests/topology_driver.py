@@ -42,9 +42,11 @@ def main() -> None:
     parser.add_argument("--num_steps", type=int, default=0)
     parser.add_argument("--dump_batches", type=int, default=0)
     args = parser.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.local_devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, ROOT)
+    from tests.support import xla
+
+    os.environ["XLA_FLAGS"] = xla.xla_flags(args.local_devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"
     import jax
     import numpy as np
 

@@ -83,9 +83,10 @@ class ChannelOrder:
         return self._map(a, to_stored=True)
 
     def permutation(self) -> np.ndarray:
-        """The stored channel of each channel in the kernel's order."""
+        """The stored channel of each channel in the kernel's order (concrete under a trace)."""
         n = self.channels * (1 + self.angles) * (2 if self.keep_psi else 1)
-        return np.asarray(self.from_stored(np.arange(n)))
+        with jax.ensure_compile_time_eval():
+            return np.asarray(self.from_stored(np.arange(n)))
 
 
 @functools.lru_cache(maxsize=32)
