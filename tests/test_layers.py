@@ -14,7 +14,7 @@ from support import float64_oracle as oracle
 from support import variables as support_variables
 
 from pcjax.configs import cifar10, schema
-from pcjax.nn import complex_ops, layers, nonlinear, wavelets
+from pcjax.nn import complex_ops, head, layers, nonlinear, wavelets
 
 
 def _rand(rng, shape, complex_=True):
@@ -172,10 +172,10 @@ def test_filters_are_not_parameters():
 def test_classifier_interleaves_and_flattens_channel_major():
     rng = np.random.default_rng(3)
     u = _rand(rng, (4, 2, 3, 3))  # h != w, so a swapped h/w order shows
-    head = layers.Classifier(num_classes=7)
-    v = head.init(jax.random.key(0), u, train=True)
+    classifier = head.Classifier(num_classes=7)
+    v = classifier.init(jax.random.key(0), u, train=True)
     assert v["params"]["linear"]["kernel"].shape == (2 * 3 * 2 * 3, 7)
-    logits, _ = head.apply(v, u, train=True, mutable=["batch_stats"])
+    logits, _ = classifier.apply(v, u, train=True, mutable=["batch_stats"])
     x = np.stack([u.real, u.imag], -1).reshape(4, 2, 3, 6).astype(np.float64)
     x = (x - x.mean(axis=(0, 1, 2))) / np.sqrt(x.var(axis=(0, 1, 2)) + 1e-5)
     feats = x.transpose(0, 3, 1, 2).reshape(4, -1)  # (channel, h, w) as in the reference
@@ -229,7 +229,7 @@ def test_unknown_precision_is_rejected_before_tracing():
             jax.random.key(0), x
         )
     with pytest.raises(ValueError, match="'tf32'.*valid choices"):
-        layers.Classifier(3, precision="tf32").init(jax.random.key(0), jnp.ones((2, 2, 2, 1)))
+        head.Classifier(3, precision="tf32").init(jax.random.key(0), jnp.ones((2, 2, 2, 1)))
 
 
 def _correctly_rounded_matmul(a, b, precision="highest"):

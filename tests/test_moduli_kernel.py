@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pcjax.accelerators import targets
-from pcjax.nn import layers, moduli_kernel, wavelets
+from pcjax.nn import layers, moduli_kernel, sampling, wavelets
 from pcjax.training import sharding
 from tests.support import float64_oracle
 
@@ -193,7 +193,7 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
     assert "tpu_custom_call" in compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    ho = wavelets.output_size(m, True)
+    ho = sampling.output_size(m, True)
     tiled = lambda *s: 4 * int(np.prod(s[:-2])) * -(-s[-2] // 8) * 8 * s[-1]  # noqa: E731
     least = 2 * (
         2 * tiled(batch, m, m, c) + 2 * tiled(batch, ho, ho, c) + tiled(batch, ho, ho, 8 * c)

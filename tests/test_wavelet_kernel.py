@@ -12,7 +12,7 @@ import pytest
 
 from pcjax.accelerators import compile_only, targets
 from pcjax.configs import digits as digits_config
-from pcjax.nn import layers, wavelet_kernel, wavelets
+from pcjax.nn import layers, sampling, wavelet_kernel, wavelets
 from pcjax.training import sharding, train
 from tests.support import float64_oracle
 
@@ -199,7 +199,7 @@ def test_kernel_compiles_for_a_tpu_and_its_traffic_is_counted(monkeypatch):
     assert "tpu_custom_call" in compiled.as_text()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
-    ho = wavelets.output_size(m, True)
+    ho = sampling.output_size(m, True)
     tiled = lambda *s: 4 * int(np.prod(s[:-2])) * -(-s[-2] // 8) * 8 * -(-s[-1] // 128) * 128  # noqa: E731
     least = 2 * (
         2 * tiled(batch, c, m, m)  # the input's planes, in and out of both kernels

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pcjax.nn import filters, wavelets
+from pcjax.nn import filters, sampling, wavelets
 
 # --------------------------------------------------------------------------------------------
 # Oracle.
@@ -169,7 +169,7 @@ def test_output_size_rule(m, mode):
     subsample = mode != "factorized_even"
     even = m - m % 2
     want = even // 2 if subsample else even
-    assert wavelets.output_size(m, subsample) == want
+    assert sampling.output_size(m, subsample) == want
     out = jax.eval_shape(
         lambda x: wavelets.wavelet_transform(x, 4, mode),
         jax.ShapeDtypeStruct((1, m, m + 1, 2), jnp.float32),
@@ -183,8 +183,8 @@ def test_output_size_rule(m, mode):
 @pytest.mark.parametrize("m", [3, 4, 6, 7, 8, 9, 16, 32, 112, 224])
 def test_padded_size_and_widths(m):
     mp, widths = _oracle_padded(m)
-    assert wavelets.padded_size(m) == mp == (m + 4 if m % 2 == 0 else m + 3)
-    assert wavelets.pad_widths(m) == widths == ((2, 2) if m % 2 == 0 else (1, 2))
+    assert sampling.padded_size(m) == mp == (m + 4 if m % 2 == 0 else m + 3)
+    assert sampling.pad_widths(m) == widths == ((2, 2) if m % 2 == 0 else (1, 2))
 
 
 def test_psi_channel_order_is_channel_major():
@@ -296,7 +296,7 @@ def test_axis_matrices_fold_padding_and_decimation():
     """F is the DFT of the reflect-padded axis; G picks the inverse DFT at the kept samples."""
     rng = np.random.default_rng(11)
     for m, subsample in [(7, False), (6, True), (8, True), (9, False)]:
-        f, g = wavelets.axis_matrices(m, subsample)
+        f, g = sampling.axis_matrices(m, subsample)
         v = rng.standard_normal(m)
         mp, pads = _oracle_padded(m)
         np.testing.assert_allclose(f @ v, np.fft.fft(np.pad(v, pads, mode="reflect")), atol=1e-5)
@@ -372,7 +372,7 @@ def _chain_sizes(size, num_blocks, num_standard, L):
     sizes, padded = [size], []
     x = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
     for b, mode in enumerate(modes):
-        padded.append(wavelets.padded_size(x.shape[1]))
+        padded.append(sampling.padded_size(x.shape[1]))
         phi, psi = jax.eval_shape(lambda u, m=mode: wavelets.wavelet_transform(u, L, m), x)
         assert phi.shape[1:3] == psi.shape[1:3]
         assert psi.dtype == jnp.complex64

@@ -16,7 +16,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from pcjax.data import datasets
-from pcjax.nn import complex_ops, filters, layers, models, nonlinear, wavelets
+from pcjax.nn import complex_ops, filters, layers, models, nonlinear, sampling, wavelets
 
 DATASET_NAMES = datasets.DATASET_NAMES
 
@@ -298,7 +298,7 @@ def _check_geometry(config: ml_collections.ConfigDict) -> None:
             f"input (< 3x3): use fewer blocks (config.model.widths) or larger "
             f"images (config.data.image_size).",
         )
-        size = wavelets.output_size(size, filters.mode_subsamples(mode))
+        size = sampling.output_size(size, filters.mode_subsamples(mode))
     _require(size >= 1, f"config.model.widths={tuple(m.widths)} reduces the images to nothing.")
 
 

@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pcjax.nn import filters, layers, nonlinear
+from pcjax.nn import filters, head, layers, nonlinear
 
 
 class PhaseCollapseNet(nn.Module):
@@ -72,7 +72,7 @@ class PhaseCollapseNet(nn.Module):
             block = nn.remat(block, static_argnums=(2,))  # (self, x, train): train is static
         for b, kwargs in enumerate(self.block_kwargs()):
             x = block(**kwargs, name=f"block{b}")(x, train)
-        return layers.Classifier(self.num_classes, self.precision, name="head")(x, train)
+        return head.Classifier(self.num_classes, self.precision, name="head")(x, train)
 
 
 # --- Bias-free ResNet-18 baselines (docs/spec.md 3.9) -------------------------------------------
@@ -160,7 +160,7 @@ class ResNet18(nn.Module):
                     x, train
                 )
         x = jnp.mean(x, axis=(1, 2))
-        init = layers.torch_linear_init(x.shape[-1])
+        init = head.torch_linear_init(x.shape[-1])
         return nn.Dense(self.num_classes, kernel_init=init, bias_init=init, name="fc")(x)
 
 

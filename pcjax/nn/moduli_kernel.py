@@ -12,7 +12,7 @@ spatial axes swapping in VMEM between them:
     Y[r] = F_w X[r] (per row r),  Z[q] = F_h Y^T[q] (per spectral column q),
     V_k = G_w (A_k[q] Z[q])^T  with  A_k[q] = G_h diag(hat_k[:, q]),
 
-the operator G_h ((F_h X F_w^T) * hat_k) G_w^T of `wavelets.axis_matrices`: exact. Only the
+the operator G_h ((F_h X F_w^T) * hat_k) G_w^T of `sampling.axis_matrices`: exact. Only the
 "rho_psi" block with the modulus uses it: it writes phi and |psi| and nothing else. Off the TPU
 it runs in Pallas's interpreter (slow; for tests).
 """
@@ -28,7 +28,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pcjax.nn import complex_ops, wavelet_kernel
+from pcjax.nn import complex_ops, sampling, wavelet_kernel
 
 LANES = 128
 
@@ -92,11 +92,9 @@ class ChannelOrder:
 @functools.lru_cache(maxsize=32)
 def _constants(h: int, w: int, num_angles: int, mode: str, full_angles: bool) -> dict:
     """The kernel's matrices as float32 (Re, Im) pairs, built in float64, forward and adjoint."""
-    from pcjax.nn import wavelets  # the transform's definitions; wavelets imports this module
-
-    bank = wavelets.bank_for_input(h, w, num_angles, mode, full_angles)
-    f_h, g_h = (m.astype(np.complex128) for m in wavelets.axis_matrices(h, bank.subsample))
-    f_w, g_w = (m.astype(np.complex128) for m in wavelets.axis_matrices(w, bank.subsample))
+    bank = sampling.bank_for_input(h, w, num_angles, mode, full_angles)
+    f_h, g_h = (m.astype(np.complex128) for m in sampling.axis_matrices(h, bank.subsample))
+    f_w, g_w = (m.astype(np.complex128) for m in sampling.axis_matrices(w, bank.subsample))
     hats = np.concatenate([bank.phi_hat[None], bank.psi_hat]).astype(np.float32)  # [k1, P, Q]
     mats = {"fw": f_w, "fh": f_h, "gh": g_h, "gw": g_w}
     mats.update({f"{n}_adj": np.conj(np.swapaxes(m, -1, -2)) for n, m in mats.items()})

@@ -10,7 +10,7 @@ from the input rather than storing them, and applies the adjoint products (conju
 transposes, the filters summed over k), so HBM sees the input, the outputs and their
 cotangents once each way.
 
-Same per-axis matrices as the "matmul" path (`wavelets.axis_matrices`), padded with zeros to
+Same per-axis matrices as the "matmul" path (`sampling.axis_matrices`), padded with zeros to
 TPU tiles (second-minor 8, minor 128): exact. On other backends the kernel runs in Pallas's
 interpreter (slow; for tests).
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pcjax.nn import complex_ops
+from pcjax.nn import complex_ops, sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +53,10 @@ def _tiled_bytes(shape: tuple[int, ...], itemsize: int = 4) -> int:
 @functools.lru_cache(maxsize=32)
 def _matrices(h: int, w: int, num_angles: int, mode: str, full_angles: bool) -> dict:
     """The kernel's constant operands, float32 (Re, Im) pairs padded to tiles, built in float64
-    from `wavelets.axis_matrices` and the filter bank: forward and adjoint."""
-    from pcjax.nn import wavelets  # the transform's definitions; wavelets imports this module
-
-    bank = wavelets.bank_for_input(h, w, num_angles, mode, full_angles)
-    f_h, g_h = wavelets.axis_matrices(h, bank.subsample)
-    f_w, g_w = wavelets.axis_matrices(w, bank.subsample)
+    from `sampling.axis_matrices` and the filter bank: forward and adjoint."""
+    bank = sampling.bank_for_input(h, w, num_angles, mode, full_angles)
+    f_h, g_h = sampling.axis_matrices(h, bank.subsample)
+    f_w, g_w = sampling.axis_matrices(w, bank.subsample)
     mp, mq = f_h.shape[0], f_w.shape[0]
     pp, qq = _round_up(mp, 8), _round_up(mq, 128)
 

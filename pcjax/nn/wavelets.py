@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pcjax.nn import complex_ops, filters, moduli_kernel, wavelet_kernel
+from pcjax.nn import complex_ops, filters, moduli_kernel, sampling, wavelet_kernel
 
 Method = Literal["fft", "spatial", "matmul", "pallas", "auto"]
 METHODS = ("fft", "spatial", "matmul", "pallas", "auto")
@@ -54,36 +54,6 @@ CHANNEL_MAJOR = ("matmul", "pallas")
 # it the operator's cost grows as (h w)^2. Chosen by measurement on CPU, with the backward pass
 # (docs/benchmarks/wavelets.md, forward only; docs/benchmarks/README.md, "Tried and not kept").
 SPATIAL_MAX_PIXELS = 8 * 8
-
-
-def padded_size(m: int) -> int:
-    """Padded length Mp = 2 (floor((m + 2) / 2) + 1): m + 4 for even m, m + 3 for odd m."""
-    return 2 * ((m + 2) // 2 + 1)
-
-
-def pad_widths(m: int) -> tuple[int, int]:
-    """(before, after) reflect-padding widths: 2/2 for even m, 1/2 for odd m."""
-    p = padded_size(m) - m
-    return p // 2, p - p // 2
-
-
-def output_size(m: int, subsample: bool) -> int:
-    """Spatial size after the transform: Mp/2 - 2 if subsampling, else Mp - 4."""
-    mp = padded_size(m)
-    return mp // 2 - 2 if subsample else mp - 4
-
-
-def bank_for_input(
-    h: int, w: int, num_angles: int, mode: str, full_angles: bool = False
-) -> filters.FilterBank:
-    """The filter bank on the padded grid of an h x w input."""
-    if h < 3 or w < 3:
-        raise ValueError(
-            f"Wavelet transform needs inputs of at least 3x3 pixels (reflect padding), got {h}x{w}."
-        )
-    return filters.filter_bank(
-        padded_size(h), padded_size(w), num_angles, mode, full_angles=full_angles
-    )
 
 
 @jax.custom_vjp
@@ -127,7 +97,9 @@ def _check_input(x: jax.Array) -> None:
 def _fft_transform(x: jax.Array, bank: filters.FilterBank) -> jax.Array:
     """Fourier-domain path; returns complex64[b, h', w', K + 1, c] (low-pass first)."""
     _, h, w, _ = x.shape
-    xp = jnp.pad(x, ((0, 0), pad_widths(h), pad_widths(w), (0, 0)), mode="reflect")
+    xp = jnp.pad(
+        x, ((0, 0), sampling.pad_widths(h), sampling.pad_widths(w), (0, 0)), mode="reflect"
+    )
     xf = jnp.fft.fft2(xp.astype(jnp.complex64), axes=(1, 2))
     # [P, Q, K + 1]: low-pass then wavelets, broadcast over batch and channels.
     hat = jnp.asarray(np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).transpose(1, 2, 0))
@@ -156,9 +128,9 @@ def spatial_operator(
     pipeline (pad, FFT, filter, fold, inverse FFT, crop), so `x @ M` equals the "fft" method
     up to float32 round-off.
     """
-    bank = bank_for_input(h, w, num_angles, mode, full_angles)
+    bank = sampling.bank_for_input(h, w, num_angles, mode, full_angles)
     eye = np.eye(h * w).reshape(h * w, h, w)
-    xp = np.pad(eye, ((0, 0), pad_widths(h), pad_widths(w)), mode="reflect")
+    xp = np.pad(eye, ((0, 0), sampling.pad_widths(h), sampling.pad_widths(w)), mode="reflect")
     hat = np.concatenate([bank.phi_hat[None], bank.psi_hat], 0).astype(np.float64)
     yf = np.fft.fft2(xp)[:, None] * hat[None]  # [hw, K + 1, P, Q]
     if bank.subsample:
@@ -185,7 +157,7 @@ def _spatial_transform(
     b, h, w, c = x.shape
     m = spatial_operator(h, w, num_angles, mode, full_angles)
     n_out = m.shape[1]
-    ho, wo = output_size(h, bank.subsample), output_size(w, bank.subsample)
+    ho, wo = sampling.output_size(h, bank.subsample), sampling.output_size(w, bank.subsample)
     # [Re M, Im M] side by side: one real matmul per real input plane, so a complex input costs
     # two real matmuls of twice the width (faster than a native complex64 matmul on CPU/TPU).
     mri = jnp.asarray(np.concatenate([m.real, m.imag], axis=1))
@@ -204,43 +176,6 @@ def _spatial_transform(
     return y.reshape(b, ho, wo, -1, c)
 
 
-@functools.lru_cache(maxsize=64)
-def axis_matrices(m: int, subsample: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-axis matrices of the "matmul" method for an axis of m samples, built in float64.
-
-    Returns F complex64[Mp, m] = DFT_Mp @ (reflect padding), and G complex64[m', Mp] = the rows
-    of the inverse DFT (1 / Mp normalisation) at the output samples kept: index 2 (j + 1) when
-    subsampling (decimate, then crop 1), j + 2 otherwise (crop 2). Decimating the inverse DFT's
-    output equals folding the spectrum (docs/spec.md 2.2).
-    """
-    mp = padded_size(m)
-    pad = np.pad(np.eye(m), (pad_widths(m), (0, 0)), mode="reflect")  # [Mp, m]
-    k = np.arange(mp)
-    dft = np.exp(-2j * np.pi * np.outer(k, k) / mp)
-    f = dft @ pad
-    n_out = output_size(m, subsample)
-    kept = 2 * (np.arange(n_out) + 1) if subsample else np.arange(n_out) + 2
-    g = np.exp(2j * np.pi * np.outer(kept, k) / mp) / mp
-    f, g = f.astype(np.complex64), g.astype(np.complex64)
-    f.setflags(write=False)
-    g.setflags(write=False)
-    return f, g
-
-
-def _plane_matrix(m: np.ndarray) -> np.ndarray:
-    """A constant complex matrix M [o, i] as the real float32[o, 2, i, 2] acting on (Re, Im) planes.
-
-    Index [o, r, i, s] is the weight of plane s of input i in plane r of output o:
-    [[Mr, -Mi], [Mi, Mr]]. Same products and sums as the complex product (no 3-product trick:
-    it loses accuracy).
-    """
-    out = np.zeros((m.shape[0], 2, m.shape[1], 2), np.float32)
-    out[:, 0, :, 0] = out[:, 1, :, 1] = m.real
-    out[:, 0, :, 1] = -m.imag
-    out[:, 1, :, 0] = m.imag
-    return out
-
-
 def _matmul_planes(
     x: jax.Array, bank: filters.FilterBank, precision: str
 ) -> tuple[jax.Array, jax.Array]:
@@ -254,18 +189,20 @@ def _matmul_planes(
     the four matmuls. The low-pass and the wavelets are inverted separately so that neither
     result is sliced out of (or its gradient padded into) one larger array.
     """
-    f_h, g_h = axis_matrices(x.shape[2], bank.subsample)
-    f_w, g_w = axis_matrices(x.shape[3], bank.subsample)
-    m_gw, m_gh = jnp.asarray(_plane_matrix(g_w)), jnp.asarray(_plane_matrix(g_h))
+    f_h, g_h = sampling.axis_matrices(x.shape[2], bank.subsample)
+    f_w, g_w = sampling.axis_matrices(x.shape[3], bank.subsample)
+    m_gw, m_gh = jnp.asarray(sampling.plane_matrix(g_w)), jnp.asarray(sampling.plane_matrix(g_h))
     if jnp.iscomplexobj(x):
         planes = jnp.stack([x.real, x.imag], axis=3)  # [b, c, h, 2, w]
         y = complex_ops.einsum(
-            "bchsw,qrws->bchrq", planes, jnp.asarray(_plane_matrix(f_w)), precision
+            "bchsw,qrws->bchrq", planes, jnp.asarray(sampling.plane_matrix(f_w)), precision
         )
     else:
         f_w2 = np.stack([f_w.real, f_w.imag], axis=1).astype(np.float32)  # [q, 2, w]
         y = complex_ops.einsum("bchw,qrw->bchrq", x, jnp.asarray(f_w2), precision)
-    xf = complex_ops.einsum("bchsq,prhs->bcprq", y, jnp.asarray(_plane_matrix(f_h)), precision)
+    xf = complex_ops.einsum(
+        "bchsq,prhs->bcprq", y, jnp.asarray(sampling.plane_matrix(f_h)), precision
+    )
 
     def inverse(hat: np.ndarray) -> jax.Array:  # [k, P, Q] -> [b, c, k, h', 2, w']
         yf = xf[:, :, None] * jnp.asarray(hat)[None, None, :, :, None, :]
@@ -355,7 +292,7 @@ def wavelet_coefficients(
     """
     _check_input(x)
     _, h, w, _ = x.shape
-    bank = bank_for_input(h, w, num_angles, mode, full_angles)
+    bank = sampling.bank_for_input(h, w, num_angles, mode, full_angles)
     if guard_gradients:
         x = zero_nonfinite_grad(x)
     complex_ops.check_precision(precision)
@@ -429,7 +366,7 @@ def wavelet_transform_channel_major(
         b, ho, wo, _ = psi.shape
         psi = jnp.moveaxis(psi.reshape(b, ho, wo, -1, num_angles), (3, 4), (1, 2))
         return jnp.moveaxis(phi, -1, 1), psi
-    bank = bank_for_input(h, w, num_angles, mode, full_angles)
+    bank = sampling.bank_for_input(h, w, num_angles, mode, full_angles)
     if guard_gradients:
         x = zero_nonfinite_grad(x)
     complex_ops.check_precision(precision)
