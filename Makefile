@@ -43,8 +43,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --maxschedchunk=1 -m "not heavy" $(PYTEST_ARGS)
 
-# Long TPU compiles: the out-of-memory search for a real v5e (tens of minutes on 2 cores) and
-# the notebook's config for a Colab v5e chip (a minute).
+# The out-of-memory search compiled for a real v5e: tens of minutes on 2 cores.
 test-heavy: $(STAMP)
 	$(PY) -m pytest -m heavy $(PYTEST_ARGS)
 

@@ -3,7 +3,7 @@
 TPU programs compile with libtpu on the CPU; a missing libtpu fails these tests with the
 install line. The programs are the smallest that show each behaviour. Whatever compiles for an
 accelerator is marked slow (the lane to run while editing keeps target names, meshes, lowering
-and `local`), and the notebook's config for a v5e chip heavy.
+and `local`).
 """
 
 import os
@@ -192,10 +192,7 @@ def test_cli_prints_the_table_without_a_workdir(tmp_path):
     assert not [n for n in written if n.startswith(("jit_train_step", "jit_eval_step"))], written
 
 
-# A minute of compile on 2 cores for a program of tens of MiB against a chip's 16 GiB: outside
-# `make test`, with the other long TPU compiles (`make test-heavy`). A whole network's TPU compile
-# stays in `make test` through `test_cifar_smoke_preset_on_a_v5e_slice`.
-@pytest.mark.heavy
+@pytest.mark.slow
 def test_notebook_config_fits_a_colab_v5e_chip():
     """The Colab notebook trains digits.get_config() on one chip (Colab's TPU runtime). Its
     train step is the larger program (it keeps activations for the backward pass), so only

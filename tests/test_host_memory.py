@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# A benchmark's support, each test a fresh interpreter: the slow lane.
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # One 256 MiB buffer through libc's malloc, as XLA:CPU allocates a step's temporaries:
