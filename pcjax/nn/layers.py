@@ -89,21 +89,7 @@ class BatchStandardize(nn.Module):
                 variances.append(run_var[lo:hi])
         else:
             axes = tuple(a for a in range(segments[0].ndim) if a != ax)
-            for seg in segments:
-                # Complex statistics from real reductions over the Re and Im planes: XLA reduces
-                # float32 much faster than complex64 on CPU. Two passes (mean, then centred
-                # squares) for float32 accuracy.
-                if jnp.iscomplexobj(seg):
-                    re, im = seg.real, seg.imag
-                    mr = jnp.mean(re, axis=axes, keepdims=True)
-                    mi = jnp.mean(im, axis=axes, keepdims=True)
-                    var = jnp.mean(jnp.square(re - mr) + jnp.square(im - mi), axis=axes)
-                    means.append(jax.lax.complex(mr, mi).reshape(-1))
-                else:
-                    m = jnp.mean(seg, axis=axes, keepdims=True)
-                    var = jnp.mean(jnp.square(seg - m), axis=axes)
-                    means.append(m.reshape(-1))
-                variances.append(var)
+            means, variances = _batch_moments(segments, axes)
             if not self.is_initializing():
                 n = int(np.prod([segments[0].shape[a] for a in axes]))
                 mom = self.momentum
@@ -139,6 +125,28 @@ class BatchStandardize(nn.Module):
                 for y, lo, hi in zip(out, offsets[:-1], offsets[1:], strict=True)
             ]
         return out if isinstance(x, (list, tuple)) else out[0]
+
+
+def _batch_moments(segments: list[jax.Array], axes: tuple[int, ...]) -> tuple[list, list]:
+    """Per-channel mean and biased variance mean(|x - mu|^2) of each segment over `axes`.
+
+    Complex statistics come from real reductions over the Re and Im planes (XLA reduces float32
+    much faster than complex64 on CPU); two passes (mean, then centred squares) for float32
+    accuracy.
+    """
+    means, variances = [], []
+    for seg in segments:
+        if jnp.iscomplexobj(seg):
+            re, im = seg.real, seg.imag
+            mr = jnp.mean(re, axis=axes, keepdims=True)
+            mi = jnp.mean(im, axis=axes, keepdims=True)
+            variances.append(jnp.mean(jnp.square(re - mr) + jnp.square(im - mi), axis=axes))
+            means.append(jax.lax.complex(mr, mi).reshape(-1))
+        else:
+            m = jnp.mean(seg, axis=axes, keepdims=True)
+            variances.append(jnp.mean(jnp.square(seg - m), axis=axes))
+            means.append(m.reshape(-1))
+    return means, variances
 
 
 class ComplexProjection(nn.Module):
