@@ -94,6 +94,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+@pytest.mark.slow  # a fresh interpreter touching 256 MiB, as tests/test_host_memory.py's
 @pytest.mark.skipif(
     not sys.platform.startswith("linux") or _thp_mode() not in ("always", "madvise"),
     reason="needs Linux with transparent huge pages enabled or on madvise",
